@@ -1,0 +1,1 @@
+"""diffdisagg operator component."""

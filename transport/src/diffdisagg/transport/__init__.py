@@ -1,0 +1,1 @@
+"""diffdisagg transport component."""
