@@ -1,0 +1,10 @@
+"""CPU: no device, no extra wiring (tests, `make run`, small deployments)."""
+
+from __future__ import annotations
+
+from diffdisagg.operator.accelerators.base import DeviceWiring
+from diffdisagg.operator.api.types import AcceleratorSpec
+
+
+def wiring(accel: AcceleratorSpec) -> DeviceWiring:
+    return DeviceWiring(platform="cpu")

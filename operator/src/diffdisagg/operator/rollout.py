@@ -1,0 +1,30 @@
+"""Pure: the deployment revision, a hash of everything that shapes a pod.
+
+Replica counts, autoscaling and the gateway's Service type are left out: changing them must not
+restart a single worker. Everything else (images, env, resources, model, accelerator, transfer,
+pod-template overrides) is in, and the revision is deployment-wide on purpose — workers of
+different revisions refuse to hand over to each other, so a new denoise image must roll every role.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from diffdisagg.operator.api.types import DDDSpec
+
+REVISION_LENGTH = 10
+
+
+def revision(spec: DDDSpec) -> str:
+    shaped = {
+        "model": dataclasses.asdict(spec.model),
+        "accelerator": dataclasses.asdict(spec.accelerator),
+        "transfer": dataclasses.asdict(spec.transfer),
+        "gateway": dataclasses.asdict(spec.gateway.container)
+        | {"apiKey": [spec.gateway.api_key_secret, spec.gateway.api_key_key]},
+        "roles": {r.name: dataclasses.asdict(r.container) for r in spec.roles},
+    }
+    blob = json.dumps(shaped, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:REVISION_LENGTH]
