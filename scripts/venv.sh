@@ -9,6 +9,11 @@ key=$(cat "$root/requirements/dev.txt" | sha256sum | cut -c1-12)
 py=${PYTHON:-python3}
 venv=${DIFFDISAGG_VENV:-$HOME/.cache/diffdisagg/venv-$key}
 if [ ! -f "$venv/.complete" ]; then
+  # several make/pytest processes may ask at once: one creates, the others wait for it
+  mkdir -p "$(dirname "$venv")"
+  exec 9>"$venv.lock"; flock 9
+fi
+if [ ! -f "$venv/.complete" ]; then
   echo "creating $venv" >&2
   rm -rf "$venv"; mkdir -p "$(dirname "$venv")"
   "$py" -m venv "$venv"
