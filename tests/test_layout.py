@@ -16,9 +16,12 @@ def test_no_init_in_component_folders_or_namespace():
         assert not (ROOT / comp / "src" / "diffdisagg" / "__init__.py").exists(), "diffdisagg is PEP 420"
 
 
+PROBE = "import operator; print(getattr(operator, '__file__', 'builtin')); print(hasattr(operator, 'itemgetter'))"
+
+
 def test_import_operator_from_repo_root_is_stdlib():
     out = subprocess.run(
-        [sys.executable, "-c", "import operator, sys; print(operator.__file__ if hasattr(operator, '__file__') else 'builtin'); print(hasattr(operator, 'itemgetter'))"],
+        [sys.executable, "-c", PROBE],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert out[-1] == "True", out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from diffdisagg.transport.buffer import StagingBuffer
 from diffdisagg.transport.codec import plan
 from diffdisagg.transport.errors import TransferInProgressError

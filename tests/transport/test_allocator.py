@@ -9,6 +9,10 @@ import sys
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
 from diffdisagg.transport.allocator import ALIGNMENT_2MIB, SlotAllocator, SlotHandle
 from diffdisagg.transport.errors import (
     AllocatorError,
@@ -17,9 +21,6 @@ from diffdisagg.transport.errors import (
     InvalidSizeError,
     StaleHandleError,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 KIB = 1024
 

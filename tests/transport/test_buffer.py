@@ -11,6 +11,7 @@ import socket
 
 import pytest
 import torch
+
 from diffdisagg.transport.allocator import ALIGNMENT_2MIB, SlotHandle
 from diffdisagg.transport.buffer import StagingBuffer
 from diffdisagg.transport.errors import (

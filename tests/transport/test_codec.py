@@ -15,6 +15,9 @@ from types import SimpleNamespace
 import msgpack
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from diffdisagg.transport.codec import (
     DTYPE_ITEMSIZE,
     SCHEMA_VERSION,
@@ -31,8 +34,6 @@ from diffdisagg.transport.codec import (
 )
 from diffdisagg.transport.errors import CodecError
 from diffdisagg.transport.platforms import CpuPlatform
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
           torch.uint8, torch.bool, torch.int16, torch.int8]  # fmt: skip

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from diffdisagg.transport.errors import PlatformError
 from diffdisagg.transport.platforms import (
     PLATFORM_ENV,

@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING
 
 import torch
+
 from diffdisagg.transport.allocator import DEFAULT_ALIGNMENT, SlotAllocator, SlotHandle, Strategy, align_up
 from diffdisagg.transport.errors import (
     BufferClosedError,
@@ -26,6 +27,7 @@ from diffdisagg.transport.errors import (
 
 if TYPE_CHECKING:
     import numpy as np
+
     from diffdisagg.transport.platforms.base import Platform
 
 __all__ = ["StagingBuffer"]

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+
 from diffdisagg.transport.errors import CodecError
 
 if TYPE_CHECKING:
     import torch
+
     from diffdisagg.transport.platforms.base import Platform
 
 __all__ = [

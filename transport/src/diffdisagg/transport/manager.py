@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from diffdisagg.transport.allocator import SlotHandle
 from diffdisagg.transport.buffer import StagingBuffer
 from diffdisagg.transport.codec import Manifest, plan, tensor_bytes, torch_dtype

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
+
 from diffdisagg.transport.errors import PlatformError
 
 __all__ = ["MemoryInfo", "Platform"]

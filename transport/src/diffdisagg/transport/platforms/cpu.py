@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
 from diffdisagg.transport.errors import PlatformError
 from diffdisagg.transport.platforms.base import MemoryInfo, Platform
 

@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import torch
+
 from diffdisagg.transport.platforms.base import MemoryInfo, Platform
 
 __all__ = ["CudaPlatform", "cuda_available"]
