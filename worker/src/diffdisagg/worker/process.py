@@ -1,0 +1,126 @@
+"""Entry point of one role worker process: settings -> role adapter -> transport -> runtime loops.
+
+`python -m diffdisagg.worker --role denoise ...` (or `diffdisagg worker ...`). SIGTERM/SIGINT stop it
+cleanly: the receiver frees every slot it holds and the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from diffdisagg.worker.control.signing import load_token
+from diffdisagg.worker.gateway_link import GatewayLink
+from diffdisagg.worker.settings import WorkerSettings, add_arguments, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+
+def load_adapter(s: WorkerSettings) -> Any:
+    """The role adapter (imports torch and diffusers); the tiny model is built on first use."""
+    import torch
+
+    from diffdisagg.worker.pipelines import load_role, tiny_model_dir
+
+    path = s.model_path or str(tiny_model_dir(s.family))
+    device = "cpu" if s.platform == "cpu" else _device(s.platform)
+    return load_role(s.family, s.role, path, device, getattr(torch, s.dtype), max_batch_size=s.max_batch_size)
+
+
+def _device(platform: str) -> Any:
+    from diffdisagg.transport.platforms import current_platform
+
+    return current_platform().device(0)
+
+
+class SlowAdapter:
+    """The role adapter plus a fixed sleep per batch: `--stage-delay`, to make one pool the slow one in
+    tests and benchmarks (queue depth, back-pressure). Never used in production."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        self._inner = inner
+        self._delay_s = delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def run_batch(self, items: Any) -> Any:
+        out = self._inner.run_batch(items)
+        time.sleep(self._delay_s)
+        return out
+
+
+def scheduler_factory(s: WorkerSettings, adapter: Any, manager: Any) -> Any:
+    """How the runtime builds the role's scheduler loop (diffdisagg.worker.scheduler)."""
+    from diffdisagg.worker.scheduler import SchedulerConfig, StageScheduler
+
+    cfg = SchedulerConfig(queue_capacity=s.capacity, max_batch_size=s.max_batch_size, prefetch=1)
+
+    def make(on_complete: Any, tracer: Any) -> Any:
+        sched = StageScheduler(adapter, manager, on_complete, cfg, tracer=tracer)
+        sched.start()
+        return sched
+
+    return make
+
+
+async def serve(s: WorkerSettings) -> None:
+    from diffdisagg.worker.handoff import TransportHandoff
+    from diffdisagg.worker.runtime import WorkerRuntime
+
+    token = load_token(s.token_file)
+    adapter = await asyncio.get_running_loop().run_in_executor(None, load_adapter, s)
+    from diffdisagg.worker.scheduler import ReceivedRequest
+
+    if s.stage_delay_s > 0:
+        adapter = SlowAdapter(adapter, s.stage_delay_s)
+    handoff = TransportHandoff(s, token, adapter.device, receive=s.role != "prefill", send=s.role != "decode")
+    link = GatewayLink(s.gateway_url, token)
+    manager = handoff.manager if s.role != "prefill" else None
+    rt = WorkerRuntime(s, handoff, link, scheduler_factory(s, adapter, manager), ReceivedRequest)
+    rt.loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        rt.loop.add_signal_handler(sig, stop.set)
+    handoff.start(rt.on_delivery_threadsafe)
+    try:
+        await rt.register_until_done()
+        tasks = [asyncio.create_task(c) for c in (rt.pending_loop(), rt.heartbeat_loop(), rt.poll_loop())]
+        logger.info("%s worker %s ready (hand-over %s)", s.role, s.worker_id, handoff.endpoint or "send-only")
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not waiter and t.exception() is not None:
+                logger.error("worker loop died: %r", t.exception())
+        for t in tasks:
+            t.cancel()
+    finally:
+        await rt.stop()
+        with contextlib.suppress(Exception):
+            handoff.close()
+
+
+def run(a: argparse.Namespace) -> None:
+    s = settings_from_args(a)
+    logging.basicConfig(
+        level=a.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {s.role}[{s.worker_id}] %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call is noise
+    asyncio.run(serve(s))
+    # Every slot is freed and the gateway told by now; do not wait for worker threads (a send stuck on
+    # a dead peer) to exit on their own.
+    logging.shutdown()
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="diffdisagg worker", description="one diffdisagg role worker")
+    add_arguments(p)
+    run(p.parse_args(argv))

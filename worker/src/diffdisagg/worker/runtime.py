@@ -1,0 +1,495 @@
+"""One role worker's serving logic: arrivals into the scheduler, stage events, next hop, hand-over, result.
+
+Life of a request here: it arrives (prefill: from the gateway's answer to our long-poll; denoise/decode:
+a complete hand-over from the receiver, still in its staging slot), is submitted to the role's
+`StageScheduler` (bounded ready-queue, loads prefetched while the previous batch computes, slot freed
+after its load), computed through the role adapter, and leaves: decode posts the media to the gateway;
+the other roles ask the gateway for the next hop (late binding) and hand the tensors over, asking for
+another receiver while they still hold the tensors when one is busy or unreachable. The gateway is told
+when a stage starts (so its queue depth is exact) and when a request fails here; cancels from the
+gateway drop a request wherever it is (a request already in the scheduler is dropped when it comes out).
+
+A request that arrives while the scheduler's queue is full waits here, still in its slot: the buffer
+fills, and the receiver answers the next offers `busy` — the back-pressure the hand-over protocol is for.
+
+Asyncio on the main thread for control; the scheduler's compute thread, the receiver's threads and a
+small pool for the blocking sends run beside it, so transfers overlap compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffdisagg.worker.control.messages import (
+    Heartbeat,
+    HopRequest,
+    Load,
+    Poll,
+    Register,
+    ResultHeader,
+    StageEvent,
+)
+from diffdisagg.worker.gateway_link import GatewayLink, GatewayUnavailable, Verdict
+from diffdisagg.worker.handoff import Handoff, PeerBusy, PeerGone
+from diffdisagg.worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+#: Longest the gateway may hold one next-hop ask (long-poll), seconds.
+HOP_WAIT_S = 2.0
+#: Pause before asking again after the gateway said "no receiver yet".
+RETRY_PAUSE_S = 0.05
+#: How often arrivals that found the scheduler full are offered to it again (seconds).
+PENDING_RETRY_S = 0.02
+
+
+@dataclass
+class Job:
+    """What the runtime knows of a request while this worker holds it."""
+
+    request_id: str
+    attempt: int
+    deadline: float
+    key: str  # the scheduler's id for it: request id + attempt (a restart may land here twice)
+    arrived: float = field(default_factory=time.monotonic)
+    nbytes: int | None = None
+    request: Any = None  # the scheduler's ReceivedRequest, until it is accepted
+    started: asyncio.Task[Any] | None = None
+
+
+def _meta(scalars: dict[str, Any], fallback_deadline: float) -> tuple[int, float]:
+    meta = scalars.get("diffdisagg") or {}
+    return int(meta.get("attempt", 1)), float(meta.get("deadline", fallback_deadline))
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        handoff: Handoff,
+        link: GatewayLink,
+        make_scheduler: Any,
+        make_request: Any,
+    ) -> None:
+        """`make_scheduler(on_complete, tracer)` builds the role's StageScheduler; `make_request(**kw)`
+        builds its ReceivedRequest (kept injectable so this module stays importable without torch)."""
+        self.s = settings
+        self.handoff = handoff
+        self.link = link
+        self._make_request = make_request
+        self.scheduler = make_scheduler(self._on_complete_threadsafe, self._trace_threadsafe)
+        self.jobs: dict[str, Job] = {}  # by scheduler key
+        self.pending: deque[Job] = deque()  # arrived while the scheduler was full
+        self.held: dict[str, asyncio.Task[None]] = {}  # key -> forwarding task (tensors held here)
+        self.cancelled: dict[str, tuple[int, float]] = {}  # request id -> (void up to attempt, when)
+        self._senders = ThreadPoolExecutor(4, thread_name_prefix=f"{settings.role}-send")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # The gateway decides when a silent worker is dropped, so its interval wins over ours.
+        self.heartbeat_interval_s = settings.heartbeat_interval_s
+
+    # --- load -----------------------------------------------------------------------------------
+
+    def load(self) -> Load:
+        queued = self.scheduler.queue_depth + len(self.pending)
+        inflight = self.scheduler.inflight
+        free = max(0, self.s.capacity - queued - inflight)
+        if self.s.role != "prefill":
+            free = min(free, self.handoff.free_slots())
+        return Load(
+            queued=queued,
+            inflight=inflight,
+            held=len(self.held),
+            free_slots=free,
+            capacity=self.s.capacity,
+            slots_in_use=int(self.handoff.stats().get("live_slots", 0)),
+        )
+
+    def register_msg(self) -> Register:
+        return Register(
+            worker_id=self.s.worker_id,
+            role=self.s.role,  # type: ignore[arg-type]
+            deployment=self.s.deployment,
+            revision=self.s.revision,
+            family=self.s.family,
+            control_url=self.s.control_url,
+            handover=self.handoff.endpoint or {},
+            load=self.load(),
+        )
+
+    # --- arrival --------------------------------------------------------------------------------
+
+    def is_cancelled(self, request_id: str, attempt: int) -> bool:
+        entry = self.cancelled.get(request_id)
+        return entry is not None and attempt <= entry[0]
+
+    def on_delivery_threadsafe(self, delivery: Any) -> None:
+        """Called by the hand-over thread with a complete delivery (its slot is ours until released)."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self.on_delivery, delivery)
+
+    def on_delivery(self, d: Any) -> None:
+        attempt, deadline = _meta(d.scalars, d.deadline)
+        if self.is_cancelled(d.request_id, attempt):
+            self.handoff.release(d)
+            return
+        key = f"{d.request_id}#{attempt}"
+        req = self._make_request(
+            request_id=key,
+            scalars=dict(d.scalars),
+            handle=d.handle,
+            manifest=d.manifest,
+            deadline=deadline,
+            release=lambda ticket, d=d: self.handoff.release(d, ticket),
+        )
+        self._admit(Job(d.request_id, attempt, deadline, key, nbytes=d.nbytes, request=req))
+
+    def on_submit(self, request_id: str, attempt: int, deadline: float, params: dict[str, Any]) -> None:
+        if self.is_cancelled(request_id, attempt):
+            return
+        key = f"{request_id}#{attempt}"
+        scalars = {"params": params, "diffdisagg": {"attempt": attempt, "deadline": deadline}}
+        req = self._make_request(request_id=key, scalars=scalars, deadline=deadline)
+        self._admit(Job(request_id, attempt, deadline, key, request=req))
+
+    def _admit(self, job: Job) -> None:
+        self.jobs[job.key] = job
+        if self.pending or not self._try_submit(job):
+            self.pending.append(job)
+
+    def _try_submit(self, job: Job) -> bool:
+        from_scheduler = type(self.scheduler).__module__
+        try:
+            self.scheduler.submit(job.request)
+        except Exception as exc:
+            if type(exc).__name__ == "QueueFullError":
+                return False
+            logger.warning(
+                "%s: %s refused by the scheduler (%s): %r", self.s.role, job.key, from_scheduler, exc
+            )
+            self.jobs.pop(job.key, None)
+            self._spawn(self._fail(job, "worker_error", f"{type(exc).__name__}: {exc}"))
+            return True
+        job.request = None
+        return True
+
+    async def pending_loop(self) -> None:
+        """Offer arrivals that found the scheduler full to it again, oldest first."""
+        while not self._stopping:
+            while self.pending:
+                job = self.pending[0]
+                if self.is_cancelled(job.request_id, job.attempt) or job.deadline < time.time():
+                    self.pending.popleft()
+                    self.jobs.pop(job.key, None)
+                    self._drop_unsubmitted(job)
+                    continue
+                if not self._try_submit(job):
+                    break
+                self.pending.popleft()
+            await asyncio.sleep(PENDING_RETRY_S)
+
+    def _drop_unsubmitted(self, job: Job) -> None:
+        req = job.request
+        if req is not None and getattr(req, "release", None) is not None:
+            with contextlib.suppress(Exception):
+                req.release(None)  # never loaded: nothing in flight on the slot
+        if job.deadline < time.time() and not self.is_cancelled(job.request_id, job.attempt):
+            self._spawn(self._fail(job, "deadline_exceeded", "deadline passed while queued"))
+
+    def cancel(self, request_id: str, attempt: int, reason: str) -> None:
+        prev = self.cancelled.get(request_id, (0, 0.0))[0]
+        self.cancelled[request_id] = (max(prev, attempt), time.monotonic())
+        for key, task in list(self.held.items()):
+            job = self.jobs.get(key)
+            if job is not None and self.is_cancelled(job.request_id, job.attempt):
+                task.cancel()
+        logger.info("%s: %s cancelled up to attempt %d (%s)", self.s.role, request_id, attempt, reason)
+
+    # --- the scheduler's callbacks (its compute thread) -------------------------------------------
+
+    def _trace_threadsafe(self, what: str, key: str) -> None:
+        if what == "compute_start" and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._compute_started, key)
+
+    def _on_complete_threadsafe(self, completion: Any) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._on_complete, completion)
+
+    def _compute_started(self, key: str) -> None:
+        job = self.jobs.get(key)
+        if job is not None and job.started is None:
+            job.started = self._spawn(self._started(job))
+
+    def _on_complete(self, c: Any) -> None:
+        job = self.jobs.get(c.request_id)
+        if job is None:
+            return
+        if self.is_cancelled(job.request_id, job.attempt):
+            self.jobs.pop(job.key, None)
+            return
+        if c.error is not None:
+            self.jobs.pop(job.key, None)
+            reason, param = _classify(c.error)
+            logger.warning("%s: %s failed: %r", self.s.role, job.key, c.error)
+            self._spawn(self._fail(job, reason, str(c.error), param, after=job.started))
+            return
+        if self.s.role == "decode":
+            self._spawn(self._post_result(job, c.output, c.compute_s))
+        else:
+            self.held[job.key] = self._spawn(self._forward(job, c.output, c.compute_s))
+
+    # --- events ---------------------------------------------------------------------------------
+
+    async def _started(self, job: Job) -> None:
+        await self._event(
+            StageEvent(
+                request_id=job.request_id,
+                attempt=job.attempt,
+                worker_id=self.s.worker_id,
+                role=self.s.role,  # type: ignore[arg-type]
+                event="started",
+                queued_seconds=time.monotonic() - job.arrived,
+            )
+        )
+
+    async def _fail(
+        self, job: Job, reason: str, message: str, param: str | None = None, after: Any = None
+    ) -> None:
+        if after is not None:
+            await after
+        await self._event(
+            StageEvent(
+                request_id=job.request_id,
+                attempt=job.attempt,
+                worker_id=self.s.worker_id,
+                role=self.s.role,  # type: ignore[arg-type]
+                event="failed",
+                reason=reason,
+                message=message[:500],
+                param=param,
+            )
+        )
+
+    async def _event(self, msg: StageEvent) -> Verdict | None:
+        try:
+            verdict = await self.link.event(msg)
+        except GatewayUnavailable as exc:
+            logger.warning(
+                "%s: event %s for %s not delivered: %s", self.s.role, msg.event, msg.request_id, exc
+            )
+            return None
+        if verdict in (Verdict.GONE, Verdict.STALE):
+            self.cancel(msg.request_id, msg.attempt, verdict.value)
+        return verdict
+
+    # --- leaving --------------------------------------------------------------------------------
+
+    async def _post_result(self, job: Job, out: Any, seconds: float) -> None:
+        try:
+            if job.started is not None:
+                await job.started
+            header = ResultHeader(
+                request_id=job.request_id,
+                attempt=job.attempt,
+                worker_id=self.s.worker_id,
+                media_type=out.media_type or "application/octet-stream",
+                stage_seconds=seconds,
+                scalars=_jsonable({k: v for k, v in out.scalars.items() if k != "params"}),
+            )
+            for _ in range(3):
+                try:
+                    await self.link.result(header, out.media or b"")
+                    return
+                except GatewayUnavailable as exc:
+                    logger.warning("decode: result %s not delivered (%s); retrying", job.request_id, exc)
+                    await asyncio.sleep(0.2)
+        finally:
+            self.jobs.pop(job.key, None)
+
+    async def _forward(self, job: Job, out: Any, seconds: float) -> None:
+        """Ask the next hop, hand over; busy/unreachable receivers -> ask again, until the deadline."""
+        loop = asyncio.get_running_loop()
+        failed: str | None = None
+        failure: str | None = None
+        first = True
+        scalars = _jsonable(dict(out.scalars))
+        scalars["diffdisagg"] = {"attempt": job.attempt, "deadline": job.deadline}
+        try:
+            if job.started is not None:
+                await job.started
+            while True:
+                if self.is_cancelled(job.request_id, job.attempt):
+                    return
+                left = job.deadline - time.time()
+                if left <= 0:
+                    await self._fail(job, "deadline_exceeded", "deadline passed while handing over")
+                    return
+                ask = HopRequest(
+                    request_id=job.request_id,
+                    attempt=job.attempt,
+                    worker_id=self.s.worker_id,
+                    from_role=self.s.role,  # type: ignore[arg-type]
+                    stage_seconds=seconds if first else None,
+                    failed_worker=failed,
+                    failure=failure,  # type: ignore[arg-type]
+                    wait_s=min(HOP_WAIT_S, max(0.0, left)),
+                )
+                try:
+                    outcome = await self.link.hop(ask)
+                except GatewayUnavailable as exc:
+                    logger.warning("%s: next hop for %s: %s", self.s.role, job.request_id, exc)
+                    await asyncio.sleep(RETRY_PAUSE_S * 4)
+                    continue
+                first = False
+                if outcome.verdict in (Verdict.GONE, Verdict.STALE):
+                    return
+                if outcome.verdict is Verdict.RETRY or outcome.grant is None:
+                    failed = failure = None
+                    await asyncio.sleep(RETRY_PAUSE_S)
+                    continue
+                grant = outcome.grant
+                try:
+                    nbytes, secs = await loop.run_in_executor(
+                        self._senders,
+                        self.handoff.send,
+                        grant.handover,
+                        job.request_id,
+                        out.tensors,
+                        scalars,
+                        job.deadline,
+                    )
+                except PeerBusy:
+                    failed, failure = grant.worker_id, "busy"
+                    continue
+                except PeerGone as exc:
+                    logger.warning(
+                        "%s: receiver %s unreachable for %s: %s",
+                        self.s.role,
+                        grant.worker_id,
+                        job.request_id,
+                        exc,
+                    )
+                    failed, failure = grant.worker_id, "unavailable"
+                    continue
+                except Exception as exc:  # deadline, auth, protocol: this request fails, the worker lives
+                    logger.warning("%s: hand-over of %s failed: %r", self.s.role, job.request_id, exc)
+                    reason = "deadline_exceeded" if "Deadline" in type(exc).__name__ else "handover_failed"
+                    await self._fail(job, reason, f"{type(exc).__name__}: {exc}")
+                    return
+                self._spawn(
+                    self._event(
+                        StageEvent(
+                            request_id=job.request_id,
+                            attempt=job.attempt,
+                            worker_id=self.s.worker_id,
+                            role=_next_role(self.s.role),  # type: ignore[arg-type]
+                            event="handed",
+                            transfer_bytes=nbytes,
+                            transfer_seconds=secs,
+                        )
+                    )
+                )
+                return
+        finally:
+            self.held.pop(job.key, None)
+            self.jobs.pop(job.key, None)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        while not self._stopping:
+            try:
+                reply = await self.link.heartbeat(Heartbeat(worker_id=self.s.worker_id, load=self.load()))
+                self.heartbeat_interval_s = reply.heartbeat_interval_s
+                if not reply.known:
+                    logger.info("%s: the gateway dropped us (or restarted): registering again", self.s.role)
+                    await self.link.register(self.register_msg())
+            except GatewayUnavailable as exc:
+                logger.warning("%s: heartbeat failed: %s", self.s.role, exc)
+            self._prune_cancelled()
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def poll_loop(self) -> None:
+        """Long-poll the gateway for new prefill requests and for cancels."""
+        while not self._stopping:
+            try:
+                reply = await self.link.poll(Poll(worker_id=self.s.worker_id, wait_s=2.0))
+            except GatewayUnavailable as exc:
+                logger.warning("%s: poll failed: %s", self.s.role, exc)
+                await asyncio.sleep(min(1.0, self.heartbeat_interval_s))
+                continue
+            if not reply.known:
+                await asyncio.sleep(min(0.5, self.heartbeat_interval_s))  # the heartbeat re-registers
+                continue
+            for c in reply.cancels:
+                self.cancel(c.request_id, c.attempt, c.reason)
+            for sub in reply.submits:
+                self.on_submit(sub.request_id, sub.attempt, sub.deadline, sub.params)
+
+    async def register_until_done(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = await self.link.register(self.register_msg())
+                self.heartbeat_interval_s = reply.heartbeat_interval_s
+                logger.info("%s: registered with %s as %s", self.s.role, self.link.base_url, self.s.worker_id)
+                return
+            except GatewayUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                logger.info("%s: gateway not reachable yet (%s)", self.s.role, exc)
+                await asyncio.sleep(0.2)
+
+    def _prune_cancelled(self) -> None:
+        cutoff = time.monotonic() - 600
+        for rid in [r for r, (_, t) in self.cancelled.items() if t < cutoff]:
+            del self.cancelled[rid]
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            self.scheduler.stop(timeout=5.0)
+        for job in list(self.pending):
+            self._drop_unsubmitted(job)
+        self._senders.shutdown(wait=False, cancel_futures=True)
+        await self.link.close()
+
+
+def _next_role(role: str) -> str:
+    return {"prefill": "denoise", "denoise": "decode"}[role]
+
+
+def _classify(exc: BaseException) -> tuple[str, str | None]:
+    name = type(exc).__name__
+    if name == "DeadlineExceededError":
+        return "deadline_exceeded", None
+    if name in ("ParamError", "StageError"):
+        return "invalid_params", getattr(exc, "field", None)
+    return "worker_error", None
+
+
+def _jsonable(value: Any) -> Any:
+    """Scalars must cross as JSON/msgpack: anything that is not plain data is dropped to its repr."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return repr(value)
