@@ -58,6 +58,10 @@ class OperatorConfig:
         settings.networking.request_timeout = self.request_timeout
         settings.posting.level = logging.INFO
         settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+        if self.namespaces:
+            # named namespaces only: no cluster-wide scans of namespaces and CRDs, so the chart's
+            # namespaced Role suffices (kopf would otherwise retry forbidden lists for minutes)
+            settings.scanning.disabled = True
 
 
 def from_args(argv: list[str] | None = None) -> tuple[OperatorConfig, bool]:
