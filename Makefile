@@ -5,7 +5,7 @@ PY = $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)/transport/src:$(CURDIR)/worker/src:$(CURDIR)/operator/src
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: install run test test-unit test-e2e test-cluster bench lint cluster-up cluster-down chart-lint images
+.PHONY: install run test test-unit test-e2e test-cluster test-images bench lint crds cluster-up cluster-down chart-lint images
 
 install:
 	@scripts/system-deps.sh
@@ -32,6 +32,21 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+test-images: install
+	$(PY) -m pytest tests/images
+
+crds: install
+	$(PY) -m diffdisagg.operator.crdgen && scripts/sync-crds.sh
+
+chart-lint: install
+	scripts/sync-crds.sh --check
+	H=$$(scripts/cluster/build.sh | tail -1)/bin/helm; for a in "" "--set watchNamespace=x"; do \
+	  $$H lint --strict charts/diffdisagg-crds && $$H lint --strict charts/diffdisagg $$a || exit 1; done
+	$(VENV)/bin/hadolint images/*.Dockerfile
+
+images:
+	images/build.sh
 
 cluster-up: install
 	scripts/cluster/up.sh

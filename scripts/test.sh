@@ -17,7 +17,8 @@ tier() {
 }
 tier lint "$venv/bin/ruff" check .
 tier unit "$py" -m pytest -q tests/test_layout.py tests/transport tests/worker tests/operator tests/contract
-[ -d tests/e2e ] && ls tests/e2e/test_*.py >/dev/null 2>&1 && tier e2e "$py" -m pytest -q tests/e2e
-[ -d tests/cluster ] && ls tests/cluster/test_*.py >/dev/null 2>&1 && tier cluster "$py" -m pytest -q tests/cluster
+tier e2e "$py" -m pytest -q tests/e2e
+tier cluster "$py" -m pytest -q tests/cluster
+tier images "$py" -m pytest -q tests/images
 echo "=== tier times"; printf '%s\n' "${summary[@]}"
 exit $rc
