@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -217,6 +218,18 @@ def main() -> int:
         f"burst: {a.burst} CRs created in {t_created:.1f}s; all {a.burst * 11} children present after "
         f"{t_all:.1f}s ({a.burst / t_all:.1f} CR/s)"
     )
+    # Raw numbers for bench/plots.py (seconds).
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "bench": "operator",
+        "count": a.count,
+        "baseline_s": base,
+        "to_children_s": to_children,
+        "to_ready_s": to_ready,
+        "burst": {"crs": a.burst, "created_s": t_created, "all_children_s": t_all},
+    }
+    (out / "operator.json").write_text(json.dumps(raw, indent=1))
     return 0
 
 

@@ -124,9 +124,52 @@ def poisson(url: str, rate: float, n: int, body: dict, seed: int) -> dict[str, f
         "ok": len(lat),
         "errors": errors,
         "throughput": len(lat) / span,
+        "latencies_s": lat,
         "p50": pct(lat, 50),
         "p99": pct(lat, 99),
     }
+
+
+def poisson_monolithic(mono: Monolithic, rate: float, n: int, steps: int, w: int, h: int, seed: int) -> dict:
+    """The monolithic server under the same arrivals as `poisson`: one pipeline, FIFO, one request at a
+    time (real calls); a request's latency is its completion minus its arrival, queueing included."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    start = time.perf_counter()
+    lat = []
+    for i, at in enumerate(arrivals):
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        mono.run(1000 + i, steps, w, h)
+        lat.append(time.perf_counter() - (start + at))
+    span = time.perf_counter() - start
+    return {
+        "rate": rate,
+        "n": n,
+        "ok": n,
+        "errors": 0,
+        "throughput": n / span,
+        "latencies_s": lat,
+        "p50": pct(lat, 50),
+        "p99": pct(lat, 99),
+    }
+
+
+def _write_json(a: argparse.Namespace, **raw: object) -> None:
+    """Raw numbers for bench/plots.py: bench/out/serving.json (seconds; timings in ms as answered)."""
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "bench": "serving",
+        "family": a.family,
+        "size": a.size,
+        "steps": a.steps,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+    }
+    (out / "serving.json").write_text(json.dumps({**meta, **raw}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             post(url + "/v1/images/generations", {**body, "seed": s})  # warm-up (connections, caches)
 
         # sequential, interleaved: one monolithic call, one disaggregated request, ...
-        mono_lat, dis_lat, timings = [], [], []
+        mono_lat, dis_lat, timings, segments = [], [], [], []
         for i in range(a.sequential):
             mono_lat.append(mono.run(i, a.steps, w, h))
             status, resp, took = post(url + "/v1/images/generations", {**body, "seed": i})
             assert status == 200, resp
             dis_lat.append(took)
             timings.append(resp["diffdisagg"]["timings_ms"][0])
+            segments.append(resp["diffdisagg"].get("timings", [None])[0])
+        # the same arrivals against the monolithic pipeline (for the latency-vs-load plot)
+        mono_loads = [
+            poisson_monolithic(mono, float(r), a.requests, a.steps, w, h, seed=7) for r in a.rates.split(",")
+        ]
         del mono
         import gc
 
@@ -188,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<28}{'p50 ms':>10}{'p99 ms':>10}{'ratio p50':>11}")
     print(f"{'monolithic (baseline)':<28}{m50:>10.1f}{m99:>10.1f}{1.0:>11.2f}")
     print(f"{'disaggregated (HTTP e2e)':<28}{d50:>10.1f}{d99:>10.1f}{d50 / m50:>11.2f}")
+    _write_json(
+        a,
+        sequential={
+            "monolithic_s": mono_lat,
+            "disaggregated_s": dis_lat,
+            "timings_ms": timings,
+            "timings": segments,
+        },
+        poisson={"disaggregated": loads, "monolithic": mono_loads},
+    )
     keys = [
         "prefill_ms",
         "denoise_ms",
@@ -218,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rate']:>7.1f}{r['ok']:>5}{r['errors']:>5}{r['throughput']:>12.2f}"
             f"{r['throughput'] / cap:>9.2f}{r['p50'] * 1e3:>9.1f}{r['p99'] * 1e3:>9.1f}"
         )
+    print("\nmonolithic pipeline under the same arrivals (one at a time, FIFO; latency includes its queue)")
+    print(f"{'rate/s':>7}{'thru req/s':>12}{'p50 ms':>9}{'p99 ms':>9}")
+    for r in mono_loads:
+        print(f"{r['rate']:>7.1f}{r['throughput']:>12.2f}{r['p50'] * 1e3:>9.1f}{r['p99'] * 1e3:>9.1f}")
     return 0
 
 

@@ -178,6 +178,27 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _write_json(rows, all_times, hop_rows, hop_raw, mem_before, mem_after) -> None:
+    """Raw numbers for bench/plots.py: bench/out/transport.json (seconds, bytes)."""
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "bench": "transport",
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+        "sizes": [
+            {"bytes": size, "median_s": med, "verified": ok, "reps": reps, "times_s": all_times[size]}
+            for size, med, ok, reps in rows
+        ],
+        "hop_4k": {
+            name: {"p50_s": p50, "p99_s": p99, "n": n, "times_s": hop_raw.get(name, [])}
+            for name, (p50, p99, n) in hop_rows.items()
+        },
+        "receiver_hwm_bytes": {"before": mem_before["hwm"], "after": mem_after["hwm"]},
+    }
+    (out / "transport.json").write_text(json.dumps(raw, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", action="store_true")
@@ -218,6 +239,8 @@ def main() -> None:
         }
         mem_before = child.call(cmd="mem")
         rows = []
+        all_times: dict[int, dict[str, list[float]]] = {}
+        hop_raw: dict[str, list[float]] = {}
         for size in SIZES:
             reps = max(3, REPS[size] // (5 if args.quick else 1))
             times: dict[str, list[float]] = {k: [] for k in writers}
@@ -232,6 +255,7 @@ def main() -> None:
                     fn(size)
                     times[name].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items()}
+            all_times[size] = times
             rows.append((size, med, verified, reps))
         mem_after = child.call(cmd="mem")
 
@@ -259,9 +283,11 @@ def main() -> None:
                 if i >= 10:  # first ones open connections / sessions
                     lat.append(time.perf_counter() - t0)
             hop_rows[name] = (pct(lat, 0.5), pct(lat, 0.99), n)
+            hop_raw[name] = lat
             sender.close()
     finally:
         child.close()
+    _write_json(rows, all_times, hop_rows, hop_raw, mem_before, mem_after)
 
     def gibs(size: int, t: float) -> float:
         return size / t / 2**30

@@ -42,6 +42,7 @@ from diffdisagg.worker.gateway.errors import APIError, install_handlers
 from diffdisagg.worker.gateway.forms import parse_body
 from diffdisagg.worker.gateway.jobs import JobStore
 from diffdisagg.worker.gateway.metrics import GatewayMetrics
+from diffdisagg.worker.gateway.playground import playground_router
 from diffdisagg.worker.gateway.registry import Registry
 from diffdisagg.worker.gateway.requests import parse_image_request, parse_video_request
 
@@ -189,6 +190,8 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.include_router(playground_router())
+
     # --- OpenAI API ---------------------------------------------------------------------------
 
     @app.get("/v1/models")
@@ -229,9 +232,12 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                 ],
                 "output_format": "png",
                 "size": gen.size,
+                # Extension (docs/playground.md): ignored by the openai client, read by the playground.
                 "diffdisagg": {
                     "request_ids": [t.id for t in tracked],
+                    "seeds": [t.params["seed"] for t in tracked],
                     "timings_ms": [r.timings_ms for r in results],
+                    "timings": [r.timings for r in results],
                 },
             }
         )

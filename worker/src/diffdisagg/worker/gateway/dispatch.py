@@ -48,6 +48,7 @@ from diffdisagg.worker.control.messages import (
 from diffdisagg.worker.gateway.config import GatewayConfig
 from diffdisagg.worker.gateway.errors import APIError
 from diffdisagg.worker.gateway.registry import Registry, WorkerInfo
+from diffdisagg.worker.gateway.timings import breakdown
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Result:
     media_type: str
     scalars: dict[str, Any]
     timings_ms: dict[str, float]
+    timings: dict[str, Any] = field(default_factory=dict)  # gateway/timings.py: the segments
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Tracked:
     marks: dict[str, float] = field(default_factory=dict)  # monotonic timestamps of transitions
     stage_s: dict[str, float] = field(default_factory=dict)
     transfer_s: dict[str, float] = field(default_factory=dict)
+    transfer_bytes: dict[str, int] = field(default_factory=dict)  # by receiving role
+    queued_s: dict[str, float] = field(default_factory=dict)  # worker-side queue wait, by role
+    # each stage's own report (control.messages.StageTiming, by the role that did the work), when sent
+    stage_timing: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
 
     @property
@@ -282,15 +288,21 @@ class Dispatcher:
 
     def event(self, msg: StageEvent) -> None:
         t = self._get(msg.request_id, msg.attempt)
+        timing = getattr(msg, "timing", None)  # optional (workers older than StageTiming send none)
+        if timing is not None:
+            t.stage_timing[timing.role] = timing
         if msg.event == "started":
             if t.role != msg.role or t.holder != msg.worker_id:
                 raise StaleMessage(f"{t.id}: started by {msg.worker_id} but held by {t.holder}")
             t.where = Where.RUNNING
             t.marks[f"{msg.role}.start"] = self.clock()
+            if msg.queued_seconds is not None:
+                t.queued_s[msg.role] = msg.queued_seconds
         elif msg.event == "handed":
             # sent by the upstream worker: `role` is the receiving role, the time is offer -> ack
             if msg.transfer_seconds is not None:
                 t.transfer_s[msg.role] = msg.transfer_seconds
+                t.transfer_bytes[msg.role] = msg.transfer_bytes or 0
                 self.obs.transfer(msg.role, msg.transfer_bytes or 0, msg.transfer_seconds)
         elif msg.event == "failed":
             status = {"invalid_params": 422, "deadline_exceeded": 504, "busy": 503}.get(msg.reason or "", 500)
@@ -315,8 +327,20 @@ class Dispatcher:
         now = self.clock()
         t.marks["decode.done"] = now
         t.stage_s["decode"] = header.stage_seconds
+        timing = getattr(header, "timing", None)
+        if timing is not None:
+            t.stage_timing[timing.role] = timing
         self.obs.stage("decode", header.stage_seconds)
-        t.future.set_result(Result(media, header.media_type, header.scalars, self._timings(t)))
+        timings = breakdown(
+            marks=t.marks,
+            stage_s=t.stage_s,
+            transfer_s=t.transfer_s,
+            transfer_bytes=t.transfer_bytes,
+            queued_s=t.queued_s,
+            restarts=t.restarts,
+            stage_timing=t.stage_timing,
+        )
+        t.future.set_result(Result(media, header.media_type, header.scalars, self._timings(t), timings))
         self.pump()
 
     # --- the loop -------------------------------------------------------------------------------

@@ -59,8 +59,12 @@ class VideoJob:
                 "param": self.error.param,
                 "type": self.error.type,
             }
+        # Extension (docs/playground.md): ignored by the openai client; timings once the job is done.
+        ext: dict[str, Any] = {"request_id": self.tracked.id, "seed": self.tracked.params.get("seed")}
         if self.result is not None:
-            out["diffdisagg"] = {"request_id": self.tracked.id, "timings_ms": self.result.timings_ms}
+            ext["timings_ms"] = self.result.timings_ms
+            ext["timings"] = self.result.timings
+        out["diffdisagg"] = ext
         return out
 
 
