@@ -9,6 +9,7 @@ export PATH := $(VENV)/bin:$(PATH)
 
 install:
 	@scripts/system-deps.sh
+	@scripts/browser-deps.sh
 	@scripts/venv.sh >/dev/null
 
 run: install
