@@ -300,6 +300,50 @@ def test_busy_is_immediate_and_other_peer_is_tried(rig):
     assert rig.rx.stats()["counters"]["busy"] >= 1
 
 
+def test_admission_refusal_is_an_immediate_busy_without_a_slot(rig):
+    # The worker's admit callback says no (its scheduler is full): busy at once, nothing reserved,
+    # and a sender with another candidate moves on to it.
+    seen, verdict = [], {"ok": False}
+
+    def admit(offer: m.Offer) -> bool:
+        seen.append((offer.request_id, offer.nbytes, offer.sender))
+        if verdict["ok"] is None:
+            raise RuntimeError("admission check broke")
+        return verdict["ok"]
+
+    rig.rx.set_admit(admit)
+    x = {"x": torch.arange(4096, dtype=torch.float32)}
+    t0 = time.monotonic()
+    with pytest.raises(PeerBusyError):
+        rig.send("adm-1", x, deadline_s=30)
+    assert time.monotonic() - t0 < 0.5
+    st = rig.rx.stats()
+    assert st["live_slots"] == 0 and st["reserved"] == 0 and "reserved" not in st["counters"]
+    assert st["counters"]["busy_not_admitted"] == 1 and seen[0][0] == "adm-1" and seen[0][1] > 0
+
+    other = Rig("tcp")
+    try:
+        res = rig.send("adm-1", x, tx=other.tx, peers=[rig.peer, other.peer], deadline_s=30)
+        assert res.peer == other.peer and res.attempts == 2
+        assert torch.equal(other.rx.load(other.rx.receive(timeout=1))["x"], x["x"])
+    finally:
+        other.close()
+    assert rig.rx.stats()["live_slots"] == 0 and len(seen) == 2, seen
+
+    verdict["ok"] = None  # a failing callback counts as "no": busy, never a crash or a leak
+    with pytest.raises(PeerBusyError):
+        rig.send("adm-2", x)
+    assert rig.rx.stats()["counters"]["busy_not_admitted"] == 3
+
+    verdict["ok"] = True
+    rig.send("adm-3", x)
+    assert torch.equal(rig.rx.load(rig.rx.receive(timeout=1))["x"], x["x"])
+    rig.rx.set_admit(None)  # removed: offers are no longer asked about
+    rig.send("adm-4", x)
+    rig.rx.load(rig.rx.receive(timeout=1))
+    assert [r for r, _, _ in seen] == ["adm-1", "adm-1", "adm-2", "adm-3"]
+
+
 def test_revision_mismatch_rejected_and_logged(rig, caplog):
     old = HandoverSender(rig.sbackend, SenderConfig(TOKEN, "rev-old"))
     with pytest.raises(RevisionMismatchError):

@@ -25,6 +25,7 @@ from diffdisagg.worker.scheduler import (
     Completion,
     QueueFullError,
     ReceivedRequest,
+    RequestCancelledError,
     SchedulerConfig,
     StageScheduler,
 )
@@ -247,3 +248,97 @@ def test_concurrent_denoise_calls_keep_their_own_step_state(flux_roles) -> None:
     assert not errors and all(not t.is_alive() for t in threads), errors
     for k in range(2):
         assert torch.equal(results[k], alone[k])
+
+
+class Gate:
+    """The real adapter behind a gate: `run_batch` blocks until the test opens it (bounded), so a
+    request can be caught while it computes. Records which requests reached the adapter."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.computed: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run_batch(self, items):
+        self.computed += [i.request_id for i in items]
+        self.entered.set()
+        assert self.open.wait(WAIT_S), "gate never opened"
+        return self.inner.run_batch(items)
+
+
+def _hooked(manager: TransferManager, buffer: StagingBuffer, out, rid: str, calls: list):
+    """A staged request whose slot is freed through a release hook (as a receiver's slots are)."""
+    staged = _stage(manager, buffer, type(out)(rid, out.scalars, out.tensors))
+
+    def release(ticket, handle=staged.handle):
+        calls.append((rid, ticket is not None))
+        manager.release(handle, ticket)
+
+    return ReceivedRequest(rid, staged.scalars, staged.handle, staged.manifest, release=release)
+
+
+def test_cancel_queued_requests_drops_them_and_frees_their_slots(flux_roles) -> None:
+    prefill, denoise = flux_roles
+    (out,) = _embeddings(prefill, [(21, support.PROMPTS[0])])
+    buffer, manager = _transport()
+    got, gate, calls = Collector(), Gate(denoise), []
+    sched = StageScheduler(
+        gate, manager, got, SchedulerConfig(queue_capacity=4, prefetch=1), tracer=got.tracer
+    )
+    for rid in ("a", "b", "c"):
+        sched.submit(_hooked(manager, buffer, out, rid, calls))
+    sched.start()
+    try:
+        assert gate.entered.wait(WAIT_S)  # a computes; b's load was prefetched, c's was not
+        assert ("load_issued", "b") in got.trace and ("load_issued", "c") not in got.trace
+        assert sched.cancel("c") == "queued"
+        # Never loaded: its slot went back through its hook at once, and it completed at once.
+        assert ("c", False) in calls
+        assert isinstance(got.done["c"].error, RequestCancelledError) and got.done["c"].output is None
+        assert sched.cancel("b") == "queued"  # its prefetched load is freed by the loop once complete
+        assert sched.queue_depth == 0 and sched.has_capacity()
+        gate.open.set()
+        got.wait_for(3)
+        deadline = time.monotonic() + WAIT_S
+        while buffer.allocator.live_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gate.open.set()
+        sched.stop()
+    assert got.done["a"].error is None and got.done["a"].output is not None
+    assert isinstance(got.done["b"].error, RequestCancelledError)
+    assert gate.computed == ["a"], gate.computed  # b and c never reached the model
+    assert sorted(r for r, _ in calls) == ["a", "b", "c"]  # every slot freed exactly once
+    assert ("b", True) in calls  # b's slot waited for its (issued) load
+    assert buffer.allocator.live_slots == 0
+    assert sched.inflight == 0 and sched.cancel("a") is None and sched.cancel("nope") is None
+
+
+def test_cancel_running_request_discards_its_result(flux_roles) -> None:
+    prefill, denoise = flux_roles
+    (out,) = _embeddings(prefill, [(22, support.PROMPTS[1])])
+    buffer, manager = _transport()
+    got, gate, calls = Collector(), Gate(denoise), []
+    sched = StageScheduler(gate, manager, got, SchedulerConfig(queue_capacity=2), tracer=got.tracer)
+    sched.submit(_hooked(manager, buffer, out, "run", calls))
+    sched.submit(_hooked(manager, buffer, out, "next", calls))
+    sched.start()
+    try:
+        assert gate.entered.wait(WAIT_S)
+        assert sched.cancel("run") == "running"
+        assert "run" not in got.done  # it completes when its batch ends, not before
+        gate.open.set()
+        got.wait_for(2)
+    finally:
+        gate.open.set()
+        sched.stop()
+    done = got.done["run"]
+    assert isinstance(done.error, RequestCancelledError) and done.output is None
+    assert done.compute_s > 0  # it did run: the result was computed and thrown away
+    assert got.done["next"].error is None and got.done["next"].output is not None  # neighbour unharmed
+    assert gate.computed == ["run", "next"]
+    assert buffer.allocator.live_slots == 0 and sorted(r for r, _ in calls) == ["next", "run"]

@@ -1,13 +1,16 @@
 """Item 2 + 6 of issue 5: the three roles in three processes == one plain ``pipe(...)`` call, offline.
 
 For FLUX, SD3 and Wan (tiny models, 64x64, 4 steps, Wan 9 frames): prefill, denoise and decode each
-run in their own process, handing tensors over through ``pipe_roles.hand_over`` (the one function
-to swap for the real transport hand-over); a fourth process runs the monolithic diffusers call.
-SHA-256 of the decoded float32 pixels and of the PNG/MP4 bytes must match; another seed must give
-other bytes (negative control). Every process runs inside a network namespace this test creates
-(``ip netns add``) that has nothing but a loopback interface, with HF_HUB_OFFLINE=1 and an empty HF
-cache, so a hidden hub download would fail the run instead of passing silently. The loopback is up
-so that the real hand-over (TCP on 127.0.0.1 between the role processes) can replace the files.
+run in their own process and hand tensors over through the real hand-over channel
+(``HandoverSender`` -> ``HandoverReceiver``: offer, reserved slot, backend write, pushed, ack) over
+the **tcp** backend and, in the same processes, over the **mooncake** backend (the real non-CUDA
+wheel on its TCP transport: no RDMA NIC here). The receivers (decode, then denoise) are started and
+listening before the first sender starts. A fourth process runs the monolithic diffusers call.
+SHA-256 of the decoded float32 pixels and of the PNG/MP4 bytes must match for both backends; another
+seed must give other bytes (negative control). Every process runs inside a network namespace this
+test creates (``ip netns add``) that has nothing but a loopback interface (up: the hand-over runs on
+its 127.0.0.1), with HF_HUB_OFFLINE=1 and an empty HF cache, so a hidden hub download would fail the
+run instead of passing silently.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ support = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(support)
 
 FAMILIES = ("flux", "sd3", "wan")
+BACKENDS = ("tcp", "mooncake")
 SEED, OTHER_SEED = 7, 8
-TIMEOUT_S = 180
+TIMEOUT_S = 240
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -63,6 +67,7 @@ def _start(role: str, models: Path, work: Path, tmp: Path, seeds: str, netns: st
         "ip", "netns", "exec", netns,
         sys.executable, str(support.HERE / "pipe_roles.py"), role,
         "--models", str(models), "--work", str(work), "--families", ",".join(FAMILIES), "--seeds", seeds,
+        "--backends", ",".join(BACKENDS),
     ]  # fmt: skip
     log = open(work / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process below
     proc = subprocess.Popen(cmd, env=_env(tmp), stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
@@ -94,24 +99,41 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _wait_published(role: str, work: Path, procs: dict[str, subprocess.Popen], deadline: float) -> None:
+    """Bounded wait until `role` listens on every backend (its address files exist)."""
+    files = [work / f"{role}.{b}.addr.json" for b in BACKENDS]
+    while not all(f.exists() for f in files):
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                proc.log.close()  # type: ignore[attr-defined]
+                log = (work / f"{name}.log").read_text(errors="replace")[-4000:]
+                raise AssertionError(f"{name} exited ({proc.returncode}) before {role} listened:\n{log}")
+        assert time.monotonic() < deadline, f"{role} did not publish its receivers in time"
+        time.sleep(0.1)
+
+
 def test_three_role_processes_equal_monolithic_offline(tiny_models: Path, tmp_path: Path, netns: str) -> None:
     work = tmp_path / "work"
     work.mkdir()
     deadline = time.monotonic() + TIMEOUT_S
-    # The reference runs beside the chain (1 thread each, 2 cores).
-    mono = _start("mono", tiny_models, work, tmp_path, f"{SEED},{OTHER_SEED}", netns)
+    procs: dict[str, subprocess.Popen] = {}
     try:
-        chain = {}
-        for role in ("prefill", "denoise", "decode"):
-            chain[role] = _wait(
-                _start(role, tiny_models, work, tmp_path, str(SEED), netns), role, work, deadline
-            )
+        # Receivers first (decode, then denoise), each listening before anyone sends to it; the
+        # reference runs beside the chain (1 thread each, 2 cores).
+        for role in ("decode", "denoise"):
+            procs[role] = _start(role, tiny_models, work, tmp_path, str(SEED), netns)
+            _wait_published(role, work, procs, deadline)
+        procs["prefill"] = _start("prefill", tiny_models, work, tmp_path, str(SEED), netns)
+        procs["mono"] = _start("mono", tiny_models, work, tmp_path, f"{SEED},{OTHER_SEED}", netns)
+        reports = {role: _wait(procs.pop(role), role, work, deadline) for role in list(procs)}
     finally:
-        ref = _wait(mono, "mono", work, deadline)
+        for proc in procs.values():  # only after a failure: nothing may outlive the test
+            proc.kill()
+            proc.wait(10)
+    chain, ref = {r: reports[r] for r in ("prefill", "denoise", "decode")}, reports["mono"]
 
     # Offline proof: every process ran in the test's namespace, which has no interface but loopback.
     parent_ns = os.readlink("/proc/self/ns/net")
-    reports = {**chain, "mono": ref}
     for role, report in reports.items():
         env = report["env"]
         assert env["netns"] != parent_ns, f"{role} ran in the host's network namespace"
@@ -121,20 +143,35 @@ def test_three_role_processes_equal_monolithic_offline(tiny_models: Path, tmp_pa
     assert len({r["env"]["pid"] for r in reports.values()}) == 4, "roles must run in separate processes"
     assert len({r["env"]["netns"] for r in reports.values()}) == 1
 
+    # The real hand-over carried every request, on each backend, and left no slot behind.
+    n = len(FAMILIES)
+    for backend in BACKENDS:
+        for role in ("prefill", "denoise"):
+            ch = chain[role]["channels"][backend]
+            assert ch["backend"] == backend
+            assert len(ch["pushes"]) == n and all(p["nbytes"] > 0 for p in ch["pushes"]), ch
+        for role in ("denoise", "decode"):
+            rx = chain[role]["channels"][backend]["receiver"]
+            assert rx.get("reserved") == rx.get("pushed") == rx.get("claimed") == n, (role, backend, rx)
+        for role in ("prefill", "denoise", "decode"):
+            assert chain[role]["channels"][backend]["live_slots"] == 0, (role, backend)
+
     for family in FAMILIES:
-        split = chain["decode"]["stages"][f"{family}.{SEED}"]
         same = ref["stages"][f"{family}.{SEED}"]
         other = ref["stages"][f"{family}.{OTHER_SEED}"]
-        assert split["shape"] == same["shape"]
-        assert split["pixels"] == same["pixels"], f"{family}: split pixels differ from pipe(...)"
-        assert split["media"] == same["media"], f"{family}: split media bytes differ from pipe(...)"
-        assert split["media_type"] == ("video/mp4" if family == "wan" else "image/png")
         # Negative control: the comparison can fail — another seed changes pixels and bytes.
         assert other["pixels"] != same["pixels"], f"{family}: seed does not change the output"
         assert other["media"] != same["media"]
-        # What crossed each boundary really came from the previous process.
-        assert (
-            chain["denoise"]["stages"][f"{family}.{SEED}"]["received"]
-            == (chain["prefill"]["stages"][f"{family}.{SEED}"]["sent"])
-        )
-        assert split["received"] == chain["denoise"]["stages"][f"{family}.{SEED}"]["sent"]
+        sent = chain["prefill"]["stages"][f"{family}.{SEED}"]["sent"]
+        for backend in BACKENDS:
+            rid = f"{family}.{SEED}.{backend}"
+            split = chain["decode"]["stages"][rid]
+            assert split["shape"] == same["shape"]
+            assert split["pixels"] == same["pixels"], f"{rid}: split pixels differ from pipe(...)"
+            assert split["media"] == same["media"], f"{rid}: split media bytes differ from pipe(...)"
+            assert split["media_type"] == ("video/mp4" if family == "wan" else "image/png")
+            # What crossed each boundary really came from the previous process, through the receiver.
+            assert chain["denoise"]["stages"][rid]["received"] == sent
+            assert chain["denoise"]["stages"][rid]["sender"] == f"prefill-{backend}"
+            assert split["received"] == chain["denoise"]["stages"][rid]["sent"]
+            assert split["sender"] == f"denoise-{backend}"

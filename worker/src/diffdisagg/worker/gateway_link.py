@@ -74,26 +74,32 @@ class GatewayLink:
     async def _json(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> httpx.Response:
         return await self._post(path, json.dumps(payload).encode(), "application/json", timeout)
 
+    @staticmethod
+    def _dump(msg: Any) -> dict[str, Any]:
+        # Optional fields left at None are not sent: what a message without the newer fields (timings)
+        # carries is exactly what an older gateway accepts (its models forbid unknown keys).
+        return msg.model_dump(exclude_none=True)
+
     async def register(self, msg: Register) -> RegisterReply:
-        resp = await self._json(PATH_REGISTER, msg.model_dump())
+        resp = await self._json(PATH_REGISTER, self._dump(msg))
         if resp.status_code != 200:
             raise GatewayUnavailable(f"register refused: {resp.status_code} {resp.text[:300]}")
         return RegisterReply.model_validate(resp.json())
 
     async def heartbeat(self, msg: Heartbeat) -> RegisterReply:
-        resp = await self._json(PATH_HEARTBEAT, msg.model_dump())
+        resp = await self._json(PATH_HEARTBEAT, self._dump(msg))
         if resp.status_code != 200:
             raise GatewayUnavailable(f"heartbeat refused: {resp.status_code} {resp.text[:300]}")
         return RegisterReply.model_validate(resp.json())
 
     async def poll(self, msg: Poll) -> PollReply:
-        resp = await self._json(PATH_POLL, msg.model_dump(), timeout=msg.wait_s + 10.0)
+        resp = await self._json(PATH_POLL, self._dump(msg), timeout=msg.wait_s + 10.0)
         if resp.status_code != 200:
             raise GatewayUnavailable(f"poll: {resp.status_code} {resp.text[:300]}")
         return PollReply.model_validate(resp.json())
 
     async def hop(self, msg: HopRequest) -> HopOutcome:
-        resp = await self._json(PATH_HOP, msg.model_dump(), timeout=msg.wait_s + 10.0)
+        resp = await self._json(PATH_HOP, self._dump(msg), timeout=msg.wait_s + 10.0)
         if resp.status_code == 200:
             return HopOutcome(Verdict.GRANTED, HopGrant.model_validate(resp.json()))
         if resp.status_code in _VERDICTS:
@@ -101,7 +107,7 @@ class GatewayLink:
         raise GatewayUnavailable(f"hop: {resp.status_code} {resp.text[:300]}")
 
     async def event(self, msg: StageEvent) -> Verdict:
-        resp = await self._json(PATH_EVENT, msg.model_dump())
+        resp = await self._json(PATH_EVENT, self._dump(msg))
         if resp.status_code == 200:
             return Verdict.GRANTED
         if resp.status_code in _VERDICTS:
@@ -109,7 +115,7 @@ class GatewayLink:
         raise GatewayUnavailable(f"event: {resp.status_code} {resp.text[:300]}")
 
     async def result(self, header: ResultHeader, media: bytes) -> Verdict:
-        body = msgpack.packb({**header.model_dump(), "media": media}, use_bin_type=True)
+        body = msgpack.packb({**self._dump(header), "media": media}, use_bin_type=True)
         resp = await self._post(PATH_RESULT, body, "application/msgpack")
         if resp.status_code == 200:
             return Verdict.GRANTED

@@ -8,6 +8,10 @@ a thread hands each complete delivery, still in its slot, to the runtime, whose 
 
 Transport errors are mapped to the two outcomes the runtime acts on: `PeerBusy` (ask the gateway for
 another receiver or wait) and `PeerGone` (the receiver is unreachable or refused: ask for another one).
+
+Admission: the runtime's `admit(offer)` is asked on every offer before a slot is reserved; False makes
+the receiver answer `busy` at once, so a worker whose scheduler is full never takes a request it would
+only park (the sender keeps it and the gateway counts it as held upstream).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from diffdisagg.transport.errors import (
     BufferFullError,
@@ -39,11 +43,22 @@ class PeerGone(Exception):
     """The receiver cannot take this request (unreachable, another revision, stuck)."""
 
 
+class Sent(NamedTuple):
+    """One successful hand-over, as the runtime reports it."""
+
+    nbytes: int
+    seconds: float  # staging copy, then offer -> ack
+    write_seconds: float  # the backend write alone
+
+
 class Handoff(Protocol):
     @property
     def endpoint(self) -> dict[str, Any]: ...
     def free_slots(self) -> int: ...
-    def start(self, on_delivery: Callable[[Any], None]) -> None: ...
+    def in_transit(self) -> int: ...
+    def start(
+        self, on_delivery: Callable[[Any], None], admit: Callable[[Any], bool] | None = None
+    ) -> None: ...
     def release(self, delivery: Any, ticket: Any = None) -> None: ...
     def send(
         self,
@@ -52,7 +67,7 @@ class Handoff(Protocol):
         tensors: dict[str, Any],
         scalars: dict[str, Any],
         deadline: float,
-    ) -> tuple[int, float]: ...
+    ) -> Sent: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
@@ -117,15 +132,24 @@ class TransportHandoff:
         st = self.receiver.stats()
         return int(st["free_bytes"] // max(1, self._typical))
 
+    def in_transit(self) -> int:
+        """Hand-overs reserved or complete here that the runtime has not taken yet."""
+        if self.receiver is None:
+            return 0
+        st = self.receiver.stats()
+        return int(st["reserved"]) + int(st["pushed"])
+
     def stats(self) -> dict[str, Any]:
         out = dict(self.receiver.stats()) if self.receiver is not None else {}
         out["live_slots"] = self.buffer.allocator.live_slots  # receive and send slots of our one buffer
         return out
 
-    def start(self, on_delivery: Callable[[Any], None]) -> None:
-        """Hand every complete delivery (still in its slot) to `on_delivery`, from a thread of ours."""
+    def start(self, on_delivery: Callable[[Any], None], admit: Callable[[Any], bool] | None = None) -> None:
+        """Hand every complete delivery (still in its slot) to `on_delivery`, from a thread of ours;
+        `admit(offer)` decides on each offer whether to reserve a slot (False: answer busy)."""
         if self.receiver is None:
             return
+        self.receiver.set_admit(admit)
         self._thread = threading.Thread(
             target=self._receive_loop, args=(on_delivery,), name="handover-deliver", daemon=True
         )
@@ -156,7 +180,7 @@ class TransportHandoff:
         tensors: dict[str, Any],
         scalars: dict[str, Any],
         deadline: float,
-    ) -> tuple[int, float]:
+    ) -> Sent:
         from diffdisagg.transport.handover import Peer
 
         assert self.sender is not None
@@ -177,7 +201,7 @@ class TransportHandoff:
             raise PeerGone(str(exc)) from exc
         except TransferError as exc:
             raise PeerGone(f"{type(exc).__name__}: {exc}") from exc
-        return res.nbytes, time.perf_counter() - t0
+        return Sent(res.nbytes, time.perf_counter() - t0, res.write_s)
 
     def close(self) -> None:
         self._closed.set()

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from diffdisagg.worker.control.signing import load_token
@@ -70,7 +71,14 @@ def scheduler_factory(s: WorkerSettings, adapter: Any, manager: Any) -> Any:
     return make
 
 
-async def serve(s: WorkerSettings) -> None:
+async def serve(
+    s: WorkerSettings,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[Any], None] | None = None,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT, or until `stop` is set when given (then no signal
+    handlers are installed: several workers may share one loop, as the in-process tests do).
+    `on_ready(runtime)` is called once it registered with the gateway."""
     from diffdisagg.worker.handoff import TransportHandoff
     from diffdisagg.worker.runtime import WorkerRuntime
 
@@ -85,14 +93,17 @@ async def serve(s: WorkerSettings) -> None:
     manager = handoff.manager if s.role != "prefill" else None
     rt = WorkerRuntime(s, handoff, link, scheduler_factory(s, adapter, manager), ReceivedRequest)
     rt.loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        rt.loop.add_signal_handler(sig, stop.set)
-    handoff.start(rt.on_delivery_threadsafe)
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            rt.loop.add_signal_handler(sig, stop.set)
+    handoff.start(rt.on_delivery_threadsafe, rt.admit)  # busy at once while the scheduler is full
     try:
         await rt.register_until_done()
         tasks = [asyncio.create_task(c) for c in (rt.pending_loop(), rt.heartbeat_loop(), rt.poll_loop())]
         logger.info("%s worker %s ready (hand-over %s)", s.role, s.worker_id, handoff.endpoint or "send-only")
+        if on_ready is not None:
+            on_ready(rt)
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         for t in done:

@@ -7,10 +7,19 @@ after its load), computed through the role adapter, and leaves: decode posts the
 the other roles ask the gateway for the next hop (late binding) and hand the tensors over, asking for
 another receiver while they still hold the tensors when one is busy or unreachable. The gateway is told
 when a stage starts (so its queue depth is exact) and when a request fails here; cancels from the
-gateway drop a request wherever it is (a request already in the scheduler is dropped when it comes out).
+gateway drop a request wherever it is: parked here before the scheduler (slot freed at once), queued in
+the scheduler (dropped from its queue, slot freed), computing (its result is discarded), or held for the
+next hop (the hand-over task is cancelled).
 
-A request that arrives while the scheduler's queue is full waits here, still in its slot: the buffer
-fills, and the receiver answers the next offers `busy` — the back-pressure the hand-over protocol is for.
+Admission: the receiver asks `admit` on every offer; while the scheduler has no room (counting the
+hand-overs already reserved here) the answer is `busy` at once, no slot is taken, and the request stays
+with the upstream worker, which the gateway counts as held upstream for our role (DESIGN.md, queue
+depth). Should arrivals still outrun the scheduler (offers admitted together), the extra ones wait here
+in their slots and are offered to the scheduler again.
+
+Timings: each stage reports its `StageTiming` (queue wait here, compute seconds, batch size, and for the
+outgoing hand-over its bytes, seconds, write seconds, wait for a receiver and attempts) with the
+`handed` event, decode's with the result, and a failed stage's as far as it got.
 
 Asyncio on the main thread for control; the scheduler's compute thread, the receiver's threads and a
 small pool for the blocking sends run beside it, so transfers overlap compute.
@@ -35,6 +44,7 @@ from diffdisagg.worker.control.messages import (
     Register,
     ResultHeader,
     StageEvent,
+    StageTiming,
 )
 from diffdisagg.worker.gateway_link import GatewayLink, GatewayUnavailable, Verdict
 from diffdisagg.worker.handoff import Handoff, PeerBusy, PeerGone
@@ -62,6 +72,19 @@ class Job:
     nbytes: int | None = None
     request: Any = None  # the scheduler's ReceivedRequest, until it is accepted
     started: asyncio.Task[Any] | None = None
+    compute_at: float | None = None  # monotonic time its compute started (the scheduler's thread)
+    compute_s: float | None = None
+    batch_size: int | None = None
+
+    def timing(self, role: str, **handover: Any) -> StageTiming:
+        queue_s = None if self.compute_at is None else max(0.0, self.compute_at - self.arrived)
+        return StageTiming(
+            role=role,  # type: ignore[arg-type]
+            queue_seconds=queue_s,
+            compute_seconds=self.compute_s,
+            batch_size=self.batch_size,
+            **handover,
+        )
 
 
 def _meta(scalars: dict[str, Any], fallback_deadline: float) -> tuple[int, float]:
@@ -160,6 +183,17 @@ class WorkerRuntime:
         req = self._make_request(request_id=key, scalars=scalars, deadline=deadline)
         self._admit(Job(request_id, attempt, deadline, key, request=req))
 
+    def admit(self, offer: Any) -> bool:
+        """The receiver's question on every offer (its thread): reserve a slot, or answer busy now?
+
+        Yes only while the scheduler has room for one more beside what is queued, computing, parked
+        here, and already reserved or complete in the receiver (offers admitted but not yet here).
+        """
+        if self._stopping or self.pending or not self.scheduler.has_capacity():
+            return False
+        busy = self.scheduler.queue_depth + self.scheduler.inflight + self.handoff.in_transit()
+        return busy < self.s.capacity
+
     def _admit(self, job: Job) -> None:
         self.jobs[job.key] = job
         if self.pending or not self._try_submit(job):
@@ -207,6 +241,22 @@ class WorkerRuntime:
     def cancel(self, request_id: str, attempt: int, reason: str) -> None:
         prev = self.cancelled.get(request_id, (0, 0.0))[0]
         self.cancelled[request_id] = (max(prev, attempt), time.monotonic())
+        # Parked before the scheduler: out of the line now, slot freed.
+        for job in [j for j in self.pending if self.is_cancelled(j.request_id, j.attempt)]:
+            self.pending.remove(job)
+            self.jobs.pop(job.key, None)
+            self._drop_unsubmitted(job)
+        # In the scheduler: queued -> dropped (slot released through its hook), computing -> result
+        # discarded. Either way it completes with RequestCancelledError, which _on_complete ignores.
+        for key, job in list(self.jobs.items()):
+            if (
+                job.request is None
+                and key not in self.held
+                and self.is_cancelled(job.request_id, job.attempt)
+            ):
+                where = self.scheduler.cancel(key)
+                if where is not None:
+                    logger.info("%s: %s cancelled in the scheduler (%s)", self.s.role, key, where)
         for key, task in list(self.held.items()):
             job = self.jobs.get(key)
             if job is not None and self.is_cancelled(job.request_id, job.attempt):
@@ -217,24 +267,27 @@ class WorkerRuntime:
 
     def _trace_threadsafe(self, what: str, key: str) -> None:
         if what == "compute_start" and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._compute_started, key)
+            self.loop.call_soon_threadsafe(self._compute_started, key, time.monotonic())
 
     def _on_complete_threadsafe(self, completion: Any) -> None:
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._on_complete, completion)
 
-    def _compute_started(self, key: str) -> None:
+    def _compute_started(self, key: str, at: float) -> None:
         job = self.jobs.get(key)
         if job is not None and job.started is None:
+            job.compute_at = at
             job.started = self._spawn(self._started(job))
 
     def _on_complete(self, c: Any) -> None:
         job = self.jobs.get(c.request_id)
-        if job is None:
+        if job is None or self._stopping:  # stopping: the link is closing; the gateway notices us gone
             return
         if self.is_cancelled(job.request_id, job.attempt):
             self.jobs.pop(job.key, None)
             return
+        if c.compute_s:
+            job.compute_s, job.batch_size = c.compute_s, c.batch_size
         if c.error is not None:
             self.jobs.pop(job.key, None)
             reason, param = _classify(c.error)
@@ -275,6 +328,7 @@ class WorkerRuntime:
                 reason=reason,
                 message=message[:500],
                 param=param,
+                timing=job.timing(self.s.role),
             )
         )
 
@@ -303,6 +357,7 @@ class WorkerRuntime:
                 media_type=out.media_type or "application/octet-stream",
                 stage_seconds=seconds,
                 scalars=_jsonable({k: v for k, v in out.scalars.items() if k != "params"}),
+                timing=job.timing(self.s.role),
             )
             for _ in range(3):
                 try:
@@ -320,6 +375,8 @@ class WorkerRuntime:
         failed: str | None = None
         failure: str | None = None
         first = True
+        held_since = time.monotonic()  # compute ended (the completion reached us)
+        attempts = 0
         scalars = _jsonable(dict(out.scalars))
         scalars["diffdisagg"] = {"attempt": job.attempt, "deadline": job.deadline}
         try:
@@ -356,8 +413,10 @@ class WorkerRuntime:
                     await asyncio.sleep(RETRY_PAUSE_S)
                     continue
                 grant = outcome.grant
+                attempts += 1
+                send_at = time.monotonic()
                 try:
-                    nbytes, secs = await loop.run_in_executor(
+                    sent = await loop.run_in_executor(
                         self._senders,
                         self.handoff.send,
                         grant.handover,
@@ -392,8 +451,17 @@ class WorkerRuntime:
                             worker_id=self.s.worker_id,
                             role=_next_role(self.s.role),  # type: ignore[arg-type]
                             event="handed",
-                            transfer_bytes=nbytes,
-                            transfer_seconds=secs,
+                            transfer_bytes=sent.nbytes,
+                            transfer_seconds=sent.seconds,
+                            timing=job.timing(
+                                self.s.role,
+                                handover_bytes=sent.nbytes,
+                                handover_seconds=sent.seconds,
+                                handover_write_seconds=sent.write_seconds,
+                                handover_wait_seconds=max(0.0, send_at - held_since),
+                                handover_attempts=attempts,
+                                to_worker=grant.worker_id,
+                            ),
                         )
                     )
                 )

@@ -16,7 +16,10 @@ Owns the bounded ready-queue of received requests and the single compute thread 
   manifest, expired deadline, shutdown;
 - each batch runs through ``RoleAdapter.run_batch``, which gives every call its own copy of the
   diffusers noise scheduler. A batch that fails is retried one request at a time so one bad request
-  never fails its neighbours.
+  never fails its neighbours;
+- ``cancel`` drops a queued request at once (completion with ``RequestCancelledError``, slot
+  released through its release hook, or by the loop once a prefetched load completed) and marks a
+  running one, whose result is then discarded (same completion, no output).
 
 It does not talk to other workers: completed outputs go to ``on_complete``, and the worker process
 hands them over to the next stage (or returns the media to the gateway).
@@ -46,6 +49,7 @@ __all__ = [
     "Completion",
     "QueueFullError",
     "ReceivedRequest",
+    "RequestCancelledError",
     "SchedulerConfig",
     "SchedulerStoppedError",
     "StageScheduler",
@@ -58,6 +62,10 @@ class QueueFullError(RuntimeError):
 
 class SchedulerStoppedError(RuntimeError):
     """The scheduler is stopping or stopped; queued requests fail with this."""
+
+
+class RequestCancelledError(RuntimeError):
+    """The request was cancelled (``StageScheduler.cancel``); its output, if any, was discarded."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class _Entry:
     ticket: LoadTicket | None = None
     load_error: str | None = None
     released: bool = False
+    loading: bool = False  # a load is being issued now (outside the lock): the slot is not ours to free
+    cancelled: bool = False
 
 
 Tracer = Callable[[str, str], None]
@@ -145,6 +155,7 @@ class StageScheduler:
         self._tracer = tracer
         self._queue: deque[_Entry] = deque()
         self._loaded: list[_Entry] = []  # loads issued, slot not yet released
+        self._running: dict[str, _Entry] = {}  # taken from the queue, not yet completed
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -168,6 +179,41 @@ class StageScheduler:
         """Whether ``submit`` would accept one more request now (the receiver asks before reserving)."""
         with self._cond:
             return not self._stopping and len(self._queue) < self.config.queue_capacity
+
+    def cancel(self, request_id: str) -> str | None:
+        """Cancel a request: ``"queued"`` (dropped now), ``"running"`` (result discarded), None (unknown).
+
+        Thread-safe. A queued request completes at once with ``RequestCancelledError`` and its slot is
+        released now, or, when a prefetch already issued its load, by the loop as soon as that load
+        completed (a slot is never freed under a pending copy). A running one completes with the same
+        error when its batch ends; its neighbours in the batch are not affected.
+        """
+        with self._cond:
+            entry = next((e for e in self._queue if e.request.request_id == request_id), None)
+            if entry is None:
+                running = self._running.get(request_id)
+                if running is None:
+                    return None
+                running.cancelled = True
+                return "running"
+            self._queue.remove(entry)
+            entry.cancelled = True
+            # Free now only when no load was issued; otherwise the slot is in (or about to enter)
+            # _loaded and _drain_releases frees it once the copy completed.
+            free_now = not entry.loading and entry.ticket is None
+            self._cond.notify_all()
+        if free_now:
+            self._release(entry)
+        self._trace("cancelled", request_id)
+        self._complete(
+            entry,
+            None,
+            RequestCancelledError(f"{request_id}: cancelled while queued"),
+            time.monotonic() - entry.arrived,
+            0.0,
+            1,
+        )
+        return "queued"
 
     def submit(self, request: ReceivedRequest) -> None:
         """Queue ``request``. Raises QueueFullError / SchedulerStoppedError (the caller keeps the slot).
@@ -253,7 +299,9 @@ class StageScheduler:
         now = time.time()
         ready = []
         for e in batch:
-            if e.request.deadline is not None and e.request.deadline < now:
+            if e.cancelled:  # cancelled between leaving the queue and now: skip the compute
+                self._finish([e], None, RequestCancelledError(f"{e.request.request_id}: cancelled"), queued)
+            elif e.request.deadline is not None and e.request.deadline < now:
                 self._finish(
                     [e], None, DeadlineExceededError(f"{e.request.request_id}: deadline passed"), queued
                 )
@@ -290,6 +338,7 @@ class StageScheduler:
                 self._cond.wait(remaining)
             for e in mates:
                 self._queue.remove(e)
+                self._running[e.request.request_id] = e
             self._inflight += len(mates)
             return mates
 
@@ -297,9 +346,18 @@ class StageScheduler:
         """Issue the loads of ``batch`` and of the next queued requests on the transfer stream."""
         with self._cond:
             upcoming = list(self._queue)[: self.config.prefetch]
-        for entry in batch + upcoming:
-            if entry.request.handle is not None and entry.ticket is None and entry.load_error is None:
-                self._issue_load(entry)
+            todo = [
+                e
+                for e in batch + upcoming
+                if e.request.handle is not None
+                and e.ticket is None
+                and e.load_error is None
+                and not e.loading
+            ]
+            for e in todo:
+                e.loading = True  # cancel() must not free this slot while the load is being issued
+        for entry in todo:
+            self._issue_load(entry)
 
     def _issue_load(self, entry: _Entry) -> None:
         req = entry.request
@@ -313,15 +371,21 @@ class StageScheduler:
             entry.load_error = str(exc)
             log.warning("load failed", extra={"request_id": req.request_id, "error": str(exc)})
             self._release(entry)
+            with self._cond:
+                entry.loading = False
             return
         self._trace("load_issued", req.request_id)
         with self._cond:
             self._loaded.append(entry)
+            entry.loading = False
 
     def _compute(self, batch: list[_Entry], queued: float) -> None:
         inputs = [StageInput(e.request.request_id, dict(e.request.scalars), e.tensors or {}) for e in batch]
         for e in batch:
             self._trace("compute_start", e.request.request_id)
+        # Slots whose copy already completed go back now, not after this compute: the receiver can take
+        # the next hand-over into them meanwhile (loads copy out of the slot; nothing here reads it).
+        self._drain_releases(block=False)
         t0 = time.monotonic()
         try:
             outputs = self.adapter.run_batch(inputs)
@@ -360,15 +424,41 @@ class StageScheduler:
         for e in entries:
             if e.ticket is None:
                 self._release(e)  # never loaded: nothing in flight on its slot
-            e.tensors = None
-            done = Completion(e.request.request_id, output, error, queued, compute_s, batch_size)
-            try:
-                self.on_complete(done)
-            except Exception:  # a failing callback must not kill the loop
-                log.exception("on_complete failed", extra={"request_id": e.request.request_id})
+            with self._cond:
+                if self._running.get(e.request.request_id) is e:
+                    del self._running[e.request.request_id]
+                cancelled = e.cancelled
+            if cancelled and not isinstance(error, RequestCancelledError):
+                # Cancelled while it ran: whatever it produced is discarded.
+                self._complete(
+                    e,
+                    None,
+                    RequestCancelledError(f"{e.request.request_id}: cancelled while running"),
+                    queued,
+                    compute_s,
+                    batch_size,
+                )
+            else:
+                self._complete(e, output, error, queued, compute_s, batch_size)
         if counted:
             with self._cond:
                 self._inflight -= len(entries)
+
+    def _complete(
+        self,
+        e: _Entry,
+        output: StageOutput | None,
+        error: BaseException | None,
+        queued: float,
+        compute_s: float,
+        batch_size: int,
+    ) -> None:
+        e.tensors = None
+        done = Completion(e.request.request_id, output, error, queued, compute_s, batch_size)
+        try:
+            self.on_complete(done)
+        except Exception:  # a failing callback must not kill the loop
+            log.exception("on_complete failed", extra={"request_id": e.request.request_id})
 
     def _drain_releases(self, block: bool) -> None:
         """Release the slots whose loads completed; with ``block``, wait (bounded) for all of them."""

@@ -1,7 +1,9 @@
 """The receiving side of a hand-over: answers offers, owns the slots, hands complete payloads to the worker.
 
 A `HandoverReceiver` runs a small threaded TCP server (the control port) next to the backend's data
-plane. Per offer it reserves a slot in the worker's staging buffer or answers `Busy` at once; the sender
+plane. Per offer it asks the worker's `admit` callback (if any: False = `Busy` at once, nothing reserved,
+so a worker whose queue is full turns work away before it takes a slot), then reserves a slot in the
+worker's staging buffer or answers `Busy` at once when the buffer is full; the sender
 then writes into the slot through the backend and sends `Pushed(manifest)`; the receiver checks that
 every byte landed (where the backend can tell) and that the manifest fits the slot, then queues a
 `Delivery`. The worker takes deliveries with `receive()`, loads them (`load` / `load_async`) and
@@ -29,6 +31,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
 
     from diffdisagg.transport.allocator import SlotAllocator
 
-__all__ = ["Delivery", "HandoverReceiver", "ReceiverConfig", "SlotBuffer"]
+__all__ = ["Admit", "Delivery", "HandoverReceiver", "ReceiverConfig", "SlotBuffer"]
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +149,25 @@ class Delivery:
         return self.manifest.scalars
 
 
+#: Asked on every authenticated, well-formed offer before a slot is reserved (on a connection thread,
+#: without the receiver's lock held): True = go on, False = answer `Busy` now. Keep it fast.
+Admit = Callable[[m.Offer], bool]
+
+
 class HandoverReceiver:
     """Control server + slot owner. `start()` it, then loop on `receive()`; `close()` when done."""
 
-    def __init__(self, buffer: SlotBuffer, backend: Backend, config: ReceiverConfig, manager: Any = None):
+    def __init__(
+        self,
+        buffer: SlotBuffer,
+        backend: Backend,
+        config: ReceiverConfig,
+        manager: Any = None,
+        *,
+        admit: Admit | None = None,
+    ):
         self._buffer = buffer
+        self._admit = admit
         self._backend = backend
         self._cfg = config
         self._manager = manager
@@ -211,6 +228,10 @@ class HandoverReceiver:
         for _, res in quarantined:
             self._free(res)
         self._backend.set_write_guard(None)
+
+    def set_admit(self, admit: Admit | None) -> None:
+        """Install (or remove, with None) the admission callback; takes effect with the next offer."""
+        self._admit = admit
 
     def __enter__(self) -> HandoverReceiver:
         return self.start()
@@ -436,6 +457,23 @@ class HandoverReceiver:
                 addr,
                 keep=True,
             )
+        if not self._admitted(msg):
+            a = self._buffer.allocator
+            self.counters["busy"] += 1
+            self.counters["busy_not_admitted"] += 1
+            return self._send(
+                conn,
+                m.Busy(
+                    request_id=msg.request_id,
+                    revision=self._cfg.revision,
+                    deadline=msg.deadline,
+                    nonce=os.urandom(m.NONCE_BYTES),
+                    seq=next(self._seq),
+                    in_reply_to=msg.nonce,
+                    free_bytes=a.free_bytes,
+                    largest_free_block=a.largest_free_block,
+                ),
+            )
         now = time.time()
         reply: m.Message | None = None
         nack: tuple[m.NackReason, str, bool] = (m.NackReason.CLOSING, "receiver closing", False)
@@ -493,6 +531,17 @@ class HandoverReceiver:
         if reply is None:
             return self._reply_nack(conn, msg, nack[0], nack[1], addr, keep=nack[2])
         return self._send(conn, reply)
+
+    def _admitted(self, msg: m.Offer) -> bool:
+        """The worker's admission verdict; a callback that fails counts as "no" (busy: nothing lost)."""
+        admit = self._admit
+        if admit is None or self._closed.is_set():
+            return True  # closing: the reservation path answers Nack(closing)
+        try:
+            return bool(admit(msg))
+        except Exception:
+            log.exception("admission callback failed for %s; answering busy", msg.request_id)
+            return False
 
     def _on_pushed(self, conn: socket.socket, conn_id: int, msg: m.Pushed, addr: Any) -> bool:
         with self._lock:

@@ -4,6 +4,10 @@ JSON bodies (msgpack for the result, which carries the media bytes), never pickl
 concerns a request carries its id, its attempt number (a request restarted after a worker died gets a new
 attempt, so stale messages of the old one are refused) and, where it travels to a worker, its deadline
 (unix seconds). Paths of the gateway's internal API and of the worker's control API live here too.
+
+Compatibility: fields added after version 1 are optional with a `None` default, so a message from an
+older worker still parses; workers leave out fields that are `None` (`exclude_none`), so a message that
+carries none of the new information is byte-for-byte what an older worker sends.
 """
 
 from __future__ import annotations
@@ -82,6 +86,29 @@ class HopGrant(_Msg):
     deadline: float
 
 
+class StageTiming(_Msg):
+    """Where one stage of one request spent its time on the worker that ran it (seconds, bytes).
+
+    Sent with the stage's `handed` event (prefill, denoise) or with the result (decode), and with
+    `failed` as far as it got. Every field but `role` is optional: None = not measured / not reached.
+    """
+
+    role: Literal["prefill", "denoise", "decode"]  # the stage that did the work (not the receiving role)
+    #: arrival at this worker (hand-over complete, or submit received) -> compute start
+    queue_seconds: float | None = Field(default=None, ge=0.0)
+    #: wall time of the batch that computed it (includes PNG/MP4 encoding for decode)
+    compute_seconds: float | None = Field(default=None, ge=0.0)
+    batch_size: int | None = Field(default=None, ge=1)
+    #: the outgoing hand-over that succeeded (prefill -> denoise, denoise -> decode)
+    handover_bytes: int | None = Field(default=None, ge=0)
+    handover_seconds: float | None = Field(default=None, ge=0.0)  # staging copy, then offer -> ack
+    handover_write_seconds: float | None = Field(default=None, ge=0.0)  # the backend write alone
+    #: compute end -> start of the hand-over that succeeded: next-hop asks, busy or unreachable receivers
+    handover_wait_seconds: float | None = Field(default=None, ge=0.0)
+    handover_attempts: int | None = Field(default=None, ge=1)  # receivers tried (1 = the first took it)
+    to_worker: str | None = None  # the receiver that took it
+
+
 class StageEvent(_Msg):
     request_id: str
     attempt: int
@@ -94,6 +121,7 @@ class StageEvent(_Msg):
     reason: str | None = None  # failed: machine-readable reason (e.g. invalid_params, worker_error)
     message: str | None = None
     param: str | None = None
+    timing: StageTiming | None = None  # handed / failed: the sending worker's breakdown of its stage
 
 
 class Submit(_Msg):
@@ -134,3 +162,4 @@ class ResultHeader(_Msg):
     media_type: str
     stage_seconds: float
     scalars: dict[str, Any] = Field(default_factory=dict)
+    timing: StageTiming | None = None  # decode's queue wait, compute seconds, batch size
