@@ -4,7 +4,9 @@
 # `helm.sh/resource-policy: keep` annotation. Files in files/ that crds/ no longer has are removed.
 #   scripts/sync-crds.sh          copy (prints what changed)
 #   scripts/sync-crds.sh --check  change nothing; exit 1 and name the files when the chart has drifted
-# tests/operator/test_chart_values.py runs --check, so a CRD change that was not synced fails the tests.
+# It then runs scripts/sync-dashboards.sh with the same argument (docs/grafana/ -> charts/diffdisagg/dashboards/),
+# so one call keeps every copy the charts hold in step with its source.
+# tests/operator/test_chart_values.py runs --check, so a CRD or dashboard change that was not synced fails the tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 src=$root/crds
@@ -36,12 +38,15 @@ for f in "$dst"/*.yaml; do
 done
 
 if [ $check -eq 1 ]; then
+  status=0
   if [ ${#drift[@]} -gt 0 ]; then
     printf 'sync-crds: charts/diffdisagg-crds/files differs from crds/: %s\n' "${drift[*]}" >&2
     echo "sync-crds: run scripts/sync-crds.sh" >&2
-    exit 1
+    status=1
   fi
-  exit 0
+  # both checks run, so one failing run names every drifted copy
+  bash "$root/scripts/sync-dashboards.sh" --check || status=1
+  exit $status
 fi
 
 mkdir -p "$dst"
@@ -52,3 +57,4 @@ for f in "${sources[@]}"; do
   name=$(basename "$f")
   if ! cmp -s "$f" "$dst/$name"; then cp "$f" "$dst/$name"; echo "synced $name"; fi
 done
+bash "$root/scripts/sync-dashboards.sh"

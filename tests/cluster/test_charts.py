@@ -57,7 +57,15 @@ def _template(plane: Plane, release: str, chart: Path, namespace: str, *args: st
 VALUE_SETS = {
     "defaults": [],
     "single-namespace": ["--set", "watchNamespace=team-a"],
-    "adapter-rules": ["--set", "monitoring.adapterRules.enabled=true", "--set", "serviceAccount.name=op"],
+    # the optional ConfigMaps ride along here (adapter rules, Grafana dashboard): no extra render or dry run
+    "adapter-rules": [
+        "--set",
+        "monitoring.adapterRules.enabled=true",
+        "--set",
+        "serviceAccount.name=op",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ],
 }
 
 

@@ -1,6 +1,7 @@
 """The charts without a cluster: values.schema.json refuses bad values (through `helm template`, as
 `helm install` does), the rendered operator Deployment and RBAC keep their invariants, values.yaml is
-documented key by key, and the CRD chart never drifts from crds/ (scripts/sync-crds.sh --check).
+documented key by key, the CRD chart never drifts from crds/ and the operator chart's Grafana dashboard never
+drifts from docs/grafana/ (scripts/sync-crds.sh --check, which runs scripts/sync-dashboards.sh --check).
 
 helm is the control plane's (scripts/cluster/build.sh builds it once and caches it; a cached call is instant).
 """
@@ -21,6 +22,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 OP_CHART = ROOT / "charts" / "diffdisagg"
 CRD_CHART = ROOT / "charts" / "diffdisagg-crds"
+DASHBOARD = ROOT / "docs" / "grafana" / "diffdisagg-dashboard.json"
+DASHBOARD_KEY = "diffdisagg-dashboard.json"
 KUBE_VERSION = "1.36.3"
 
 
@@ -73,6 +76,14 @@ BAD_VALUES = [
     (["--set", "monitoring.serviceMonitor.interval=fast"], "interval"),
     (["--set", "monitoring.adapterRules.enable=true"], "enable"),  # misspelt key
     (["--set", "nodeSelector.zone=1"], "nodeSelector"),  # label values are strings
+    (["--set", "grafanaDashboard.enabled=yes"], "grafanaDashboard.enabled"),
+    (["--set", "grafanaDashboard.enable=true"], "enable"),  # misspelt key
+    (["--set", "grafanaDashboard.namespace=Mon_itoring"], "grafanaDashboard.namespace"),
+    (["--set", "grafanaDashboard.labels.grafana_dashboard=1"], "grafana_dashboard"),  # a number, not "1"
+    (["--set-string", "grafanaDashboard.labels.team=a+b"], "labels.team"),  # not a label value
+    (["--set-string", "grafanaDashboard.labels.-x=1"], "-x"),  # not a label name
+    (["--set", "grafanaDashboard.labels.grafana_dashboard=null"], "minProperties"),  # no label: never found
+    (["--set", "grafanaDashboard.annotations.folder=2"], "annotations"),
 ]
 
 
@@ -179,6 +190,74 @@ def test_service_monitor_needs_its_crd_and_scrapes_gateways() -> None:
     assert sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
 
 
+def test_service_monitor_refuses_a_timeout_above_the_interval() -> None:
+    base = ("--set", "monitoring.serviceMonitor.enabled=true", "--api-versions",
+            "monitoring.coreos.com/v1/ServiceMonitor")  # fmt: skip
+    (sm,) = _kind(_docs(OP_CHART, *base), "ServiceMonitor")
+    (ep,) = sm["spec"]["endpoints"]
+    assert (ep["interval"], ep["scrapeTimeout"]) == ("5s", "4s"), "the documented defaults"
+    cases = (("3s", "4s", False), ("1m", "1m1ms", False), ("1m", "59s999ms", True), ("1h", "59m60s", True),
+             ("1m30s", "90s", True), ("90s", "1m31s", False))  # fmt: skip
+    for interval, timeout, ok in cases:
+        args = (*base, "--set", f"monitoring.serviceMonitor.interval={interval}",
+                "--set", f"monitoring.serviceMonitor.scrapeTimeout={timeout}")  # fmt: skip
+        proc = _template(OP_CHART, *args, check=False)
+        assert (proc.returncode == 0) is ok, (interval, timeout, proc.stderr)
+        if not ok:
+            assert "must not exceed monitoring.serviceMonitor.interval" in proc.stderr, proc.stderr
+
+
+# --- the Grafana dashboard ----------------------------------------------------------------------------------
+
+
+def _dashboard_maps(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in _kind(docs, "ConfigMap") if DASHBOARD_KEY in (d.get("data") or {})]
+
+
+def test_grafana_dashboard_is_off_by_default() -> None:
+    assert not _dashboard_maps(_docs(OP_CHART))
+    docs = _docs(
+        OP_CHART, "--set", "grafanaDashboard.enabled=false", "--set", "monitoring.adapterRules.enabled=true"
+    )
+    assert not _dashboard_maps(docs) and len(_kind(docs, "ConfigMap")) == 1, "only the adapter rules"
+
+
+def test_grafana_dashboard_ships_the_docs_dashboard_for_the_sidecar() -> None:
+    (cm,) = _dashboard_maps(_docs(OP_CHART, "--set", "grafanaDashboard.enabled=true"))
+    text = cm["data"][DASHBOARD_KEY]
+    assert text == DASHBOARD.read_text(encoding="utf-8"), "the ConfigMap carries the file byte for byte"
+    assert json.loads(text) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    meta = cm["metadata"]
+    assert meta["name"] == "rel-diffdisagg-dashboard" and meta["namespace"] == "ops"
+    assert meta["labels"]["grafana_dashboard"] == "1", "the grafana chart's default sidecar label"
+    assert meta["labels"]["app.kubernetes.io/instance"] == "rel"
+    assert "annotations" not in meta
+    assert len(yaml.safe_dump(cm).encode()) < 1024 * 1024, "a ConfigMap holds at most 1 MiB"
+
+
+def test_grafana_dashboard_labels_namespace_and_annotations_are_overridable() -> None:
+    args = ("--set", "grafanaDashboard.enabled=true", "--set", "grafanaDashboard.namespace=monitoring",
+            "--set", "grafanaDashboard.labels.grafana_dashboard=null", "--set-string",
+            "grafanaDashboard.labels.dashboards=diffdisagg", "--set-string",
+            "grafanaDashboard.labels.app\\.kubernetes\\.io/part-of=serving", "--set-string",
+            "grafanaDashboard.annotations.grafana_folder=Diffusion serving")  # fmt: skip
+    (cm,) = _dashboard_maps(_docs(OP_CHART, *args))
+    meta = cm["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert "grafana_dashboard" not in meta["labels"] and meta["labels"]["dashboards"] == "diffdisagg"
+    assert meta["labels"]["app.kubernetes.io/part-of"] == "serving", "a user label replaces the chart's"
+    assert meta["annotations"] == {"grafana_folder": "Diffusion serving"}
+
+
+def test_grafana_dashboard_refuses_to_render_without_the_synced_file(tmp_path: Path) -> None:
+    chart = tmp_path / "diffdisagg"
+    shutil.copytree(OP_CHART, chart)
+    shutil.rmtree(chart / "dashboards")
+    assert _template(chart).returncode == 0, "nothing is asked for while the dashboard is off"
+    proc = _template(chart, "--set", "grafanaDashboard.enabled=true", check=False)
+    assert proc.returncode != 0 and "run scripts/sync-dashboards.sh" in proc.stderr, proc.stderr
+
+
 def test_example_ddd_and_keda_example_name_the_same_scaler() -> None:
     ddd = yaml.safe_load((OP_CHART / "examples" / "ddd-cpu.yaml").read_text())
     so = yaml.safe_load((OP_CHART / "examples" / "keda-scaledobject.yaml").read_text())
@@ -277,12 +356,61 @@ def test_crd_chart_renders_crds_folder_plus_keep_annotation() -> None:
         assert stripped == {**src, "metadata": src_meta}, f"{name}: the chart changes more than metadata"
 
 
-def test_sync_check_fails_on_drift_and_sync_repairs_it(tmp_path: Path) -> None:
-    # a copy of the three places the script touches, so the real checkout is never modified
-    for rel in ("scripts/sync-crds.sh", "crds", "charts/diffdisagg-crds"):
+def test_dashboard_chart_copy_matches_docs() -> None:
+    chart_copies = sorted(p.name for p in (OP_CHART / "dashboards").glob("*.json"))
+    assert chart_copies == sorted(p.name for p in DASHBOARD.parent.glob("*.json")) == [DASHBOARD_KEY]
+    assert (OP_CHART / "dashboards" / DASHBOARD_KEY).read_bytes() == DASHBOARD.read_bytes(), (
+        "run scripts/sync-dashboards.sh"
+    )
+
+
+SYNCED = ("scripts/sync-crds.sh", "scripts/sync-dashboards.sh", "crds", "charts/diffdisagg-crds",
+          "docs/grafana", "charts/diffdisagg/dashboards")  # fmt: skip
+
+
+def _sync_sandbox(tmp_path: Path) -> None:
+    """A copy of every place the sync scripts read or write, so the real checkout is never modified."""
+    for rel in SYNCED:
         src, dst = ROOT / rel, tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+
+def test_dashboard_sync_check_fails_on_drift_and_sync_repairs_it(tmp_path: Path) -> None:
+    _sync_sandbox(tmp_path)
+    crds, dash = (["bash", str(tmp_path / "scripts" / s)] for s in ("sync-crds.sh", "sync-dashboards.sh"))
+
+    def run(script: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*script, *args], capture_output=True, text=True, timeout=30)
+
+    assert run(crds, "--check").returncode == 0 and run(dash, "--check").returncode == 0
+    src = tmp_path / "docs" / "grafana" / DASHBOARD_KEY
+    doc = json.loads(src.read_text())
+    doc["title"] += " (changed)"
+    src.write_text(json.dumps(doc, indent=2) + "\n")
+    (tmp_path / "charts/diffdisagg/dashboards/old.json").write_text("{}")
+    for script in (crds, dash):  # the CRD script's --check covers the dashboards too
+        proc = run(script, "--check")
+        assert proc.returncode == 1, proc.stderr
+        assert DASHBOARD_KEY in proc.stderr and "old.json" in proc.stderr, proc.stderr
+    proc = run(crds)
+    assert proc.returncode == 0 and f"synced {DASHBOARD_KEY}" in proc.stdout, proc.stdout + proc.stderr
+    assert run(dash, "--check").returncode == 0
+    copy = tmp_path / "charts/diffdisagg/dashboards" / DASHBOARD_KEY
+    assert json.loads(copy.read_text())["title"].endswith("(changed)")
+    assert not (tmp_path / "charts/diffdisagg/dashboards/old.json").exists(), "stale copies are removed"
+
+    src.write_text('{"title": "no uid"}\n')  # not importable: refused, the copy kept
+    proc = run(dash)
+    assert proc.returncode == 1 and "not an importable Grafana dashboard" in proc.stderr, proc.stderr
+    assert json.loads(copy.read_text())["title"].endswith("(changed)")
+    src.unlink()
+    proc = run(dash)
+    assert proc.returncode == 1 and "refusing to empty the chart" in proc.stderr and copy.exists()
+
+
+def test_sync_check_fails_on_drift_and_sync_repairs_it(tmp_path: Path) -> None:
+    _sync_sandbox(tmp_path)
     script = ["bash", str(tmp_path / "scripts" / "sync-crds.sh")]
     crd = next((tmp_path / "crds").glob("*.yaml"))
     crd.write_text(crd.read_text().replace("served: true", "served: true  # changed", 1))

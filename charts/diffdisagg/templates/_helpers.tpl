@@ -63,3 +63,17 @@ Usage: {{ include "diffdisagg.image" . }}
 {{- define "diffdisagg.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/*
+diffdisagg.durationMs: a duration of the values' form ("5s", "1m30s", "500ms") in milliseconds; the schema
+has already checked the form. Usage: {{ include "diffdisagg.durationMs" "1m30s" | int }}
+*/}}
+{{- define "diffdisagg.durationMs" -}}
+{{- $ms := 0 }}
+{{- $unit := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 }}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" . -1 }}
+{{- $n := regexFind "^[0-9]+" . }}
+{{- $ms = add $ms (mul (atoi $n) (get $unit (trimPrefix $n .))) }}
+{{- end }}
+{{- $ms }}
+{{- end }}
