@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str]) -> int:
     names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
-    # `make bench` runs the CPU benches; bench/gpu/ needs an NVIDIA machine (docs/gpu.md)
+    # the CPU benches; bench/gpu/ needs an NVIDIA machine (docs/gpu.md)
     for name in names:
         path = HERE / f"bench_{name}.py"
         if not path.exists():
@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         sys.argv = [str(path)]
         runpy.run_path(str(path), run_name="__main__")
         print(f"##### bench {name} took {time.perf_counter() - t0:.1f}s")
-    # plots from the raw numbers the benches left in bench/out/*.json (a bench that did not run keeps its old PNG)
+    # plots from the raw numbers the benches left in bench/out/*.json
+    # (a bench that did not run keeps its old PNG)
     runpy.run_path(str(HERE / "plots.py"), run_name="__main__")
     return 0
 

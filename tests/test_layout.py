@@ -16,7 +16,9 @@ def test_no_init_in_component_folders_or_namespace():
         assert not (ROOT / comp / "src" / "diffdisagg" / "__init__.py").exists(), "diffdisagg is PEP 420"
 
 
-PROBE = "import operator; print(getattr(operator, '__file__', 'builtin')); print(hasattr(operator, 'itemgetter'))"
+PROBE = (
+    "import operator; print(getattr(operator, '__file__', 'builtin')); print(hasattr(operator, 'itemgetter'))"
+)
 
 
 def test_import_operator_from_repo_root_is_stdlib():
