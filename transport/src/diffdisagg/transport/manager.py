@@ -48,13 +48,17 @@ def wait_event(event: Any, timeout: float = DEFAULT_WAIT_TIMEOUT, what: str = "t
     """
     if event.query():
         return
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     delay = 20e-6
     while not event.query():
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise TransferTimeoutError(f"{what} did not complete within {timeout:.3f} s")
         time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
+        # staging copies take 0.1-5 ms: poll every 50 us for the first 10 ms (a 1 ms back-off cost 0.72x of
+        # the pinned copy at 64 MiB on an H200, 50 us gave 0.94x), then back off to spare the CPU
+        delay = min(delay * 2, 50e-6 if now - start < 0.01 else 1e-3)
 
 
 @dataclass(eq=False)
