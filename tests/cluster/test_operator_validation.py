@@ -43,9 +43,19 @@ CASES = [
         ['spec.accelerator.vendor: Unsupported value: "amd"'],
     ),
     (
-        "devicesPerPod > 1",
-        {"spec.accelerator.devicesPerPod": 2},
-        ["spec.accelerator.devicesPerPod", "multi-device roles) is not supported yet"],
+        "devicesPerPod > 16",
+        {"spec.accelerator.devicesPerPod": 17},
+        ["spec.accelerator.devicesPerPod", "less than or equal to 16"],
+    ),
+    (
+        "devicesPerPod 0",
+        {"spec.accelerator.devicesPerPod": 0},
+        ["spec.accelerator.devicesPerPod", "greater than or equal to 1"],
+    ),
+    (
+        "shmSizeLimit not a quantity",
+        {"spec.accelerator.shmSizeLimit": "lots"},
+        ["spec.accelerator.shmSizeLimit"],
     ),
     (
         "cpu with a resource name",

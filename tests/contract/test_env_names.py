@@ -18,7 +18,9 @@ from diffdisagg.operator.render import Observed, make_owner, render
 from diffdisagg.worker import contract as wk
 
 ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_ONLY = {"ENV_PREFIX"}  # the operator's CRD rule; the worker has no use for it
+# ENV_PREFIX: the operator's CRD rule. The container entry points and the /dev/shm path are what the
+# operator puts in the pod; the worker has no constant for them — test_render_then_run.py runs them.
+OPERATOR_ONLY = {"ENV_PREFIX", "WORKER_ARGS", "GATEWAY_COMMAND", "SHM_PATH"}
 
 
 def _constants(mod: ModuleType) -> dict[str, object]:

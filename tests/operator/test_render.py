@@ -304,7 +304,8 @@ def test_gateway_service_secret_and_config() -> None:
     ("overrides", "message"),
     [
         ({"accelerator.vendor": "amd"}, "spec.accelerator.vendor"),
-        ({"accelerator.devicesPerPod": 2}, "devicesPerPod"),
+        ({"accelerator.devicesPerPod": 17}, "spec.accelerator.devicesPerPod"),
+        ({"accelerator.devicesPerPod": 0}, "spec.accelerator.devicesPerPod"),
         ({"gateway.replicas": 2}, "spec.gateway.replicas"),
         ({"transfer": {"backend": "mooncake"}}, "spec.transfer.protocol"),
         ({"roles.denoise.autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}}, "minReplicas"),
@@ -324,3 +325,77 @@ def test_deployment_replicas_unchanged_by_observed_scaler_when_not_autoscaled() 
     owner = make_owner("d", "ns", "u", 1, parse_spec(spec()))
     ms = render(owner, Observed(scaler_replicas={"denoise": 9}))
     assert find(ms, "Deployment", "d-denoise")["spec"]["replicas"] == 2
+
+
+@pytest.mark.parametrize(
+    ("vendor", "resource"), [("nvidia", "nvidia.com/gpu"), ("ascend", "huawei.com/Ascend910")]
+)
+def test_multi_device_denoise_gets_n_devices_shm_and_env(vendor: str, resource: str) -> None:
+    ms = rendered(spec(**{"accelerator.vendor": vendor, "accelerator.devicesPerPod": 4}))
+    dep = find(ms, "Deployment", "d-denoise")
+    res = _container(dep)["resources"]
+    assert res["requests"][resource] == 4 and res["limits"][resource] == 4
+    assert env_of(dep)[c.ENV_DEVICES_PER_POD] == "4"
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in _container(dep)["volumeMounts"]
+    # prefill and decode replicate their models on every rank: one device each, no shared memory
+    for role in ("prefill", "decode"):
+        other = find(ms, "Deployment", f"d-{role}")
+        assert _container(other)["resources"]["limits"][resource] == 1
+        assert env_of(other)[c.ENV_DEVICES_PER_POD] == "1"
+        assert all(v["name"] != "dshm" for v in other["spec"]["template"]["spec"]["volumes"])
+
+
+def test_single_device_pods_get_no_shm_and_shm_size_is_configurable() -> None:
+    ms = rendered(spec())
+    assert all(
+        v["name"] != "dshm"
+        for v in find(ms, "Deployment", "d-denoise")["spec"]["template"]["spec"]["volumes"]
+    )
+    ms = rendered(spec(**{"accelerator.devicesPerPod": 2, "accelerator.shmSizeLimit": "2Gi"}))
+    vols = {v["name"]: v for v in find(ms, "Deployment", "d-denoise")["spec"]["template"]["spec"]["volumes"]}
+    assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+
+
+def test_containers_run_the_worker_and_gateway_entry_points() -> None:
+    ms = rendered(spec())
+    for role in c.STAGE_ROLES:
+        container = _container(find(ms, "Deployment", f"d-{role}"))
+        # args only: the worker image's entrypoint wraps it; the role comes from the env, so one image
+        # serves every role
+        assert container["args"] == ["python", "-m", "diffdisagg.worker"] and "command" not in container
+        assert env_of(find(ms, "Deployment", f"d-{role}"))[c.ENV_ROLE] == role
+    gw = _container(find(ms, "Deployment", "d-gateway"))
+    assert gw["command"] == ["python", "-m", "diffdisagg.worker.gateway"]
+
+
+def test_gateway_carries_what_it_filters_workers_by_and_rolls_with_them() -> None:
+    """The gateway dispatches only to workers of its own deployment, revision and family: it must carry
+    the same values as the workers, and a change that rolls the workers must roll the gateway too."""
+    old = rendered(spec())
+    new = rendered(spec(**{"roles.denoise.image": "w:2"}))
+    for ms in (old, new):
+        gw = env_of(find(ms, "Deployment", "d-gateway"))
+        for role in c.STAGE_ROLES:
+            wk = env_of(find(ms, "Deployment", f"d-{role}"))
+            for var in (c.ENV_DEPLOYMENT, c.ENV_REVISION, c.ENV_MODEL_FAMILY, c.ENV_TOKEN_FILE):
+                assert gw[var] == wk[var], var
+        assert gw[c.ENV_MODEL_PATH] == "/models/flux"
+    old_gw = find(old, "Deployment", "d-gateway")["spec"]["template"]
+    new_gw = find(new, "Deployment", "d-gateway")["spec"]["template"]
+    assert (
+        env_of(find(old, "Deployment", "d-gateway"))[c.ENV_REVISION]
+        != env_of(find(new, "Deployment", "d-gateway"))[c.ENV_REVISION]
+    )
+    assert old_gw["metadata"]["labels"][n.LABEL_REVISION] != new_gw["metadata"]["labels"][n.LABEL_REVISION]
+
+
+def test_secrets_are_readable_by_the_images_non_root_user() -> None:
+    """Secret files belong to root (no fsGroup is set) and the images run as user 65532: the token and
+    the API keys must be readable by others, or the worker and the gateway cannot start."""
+    ms = rendered(spec(**{"gateway.apiKeySecret": {"name": "keys"}}))
+    for name in ("d-prefill", "d-denoise", "d-decode", "d-gateway"):
+        pod = find(ms, "Deployment", name)["spec"]["template"]["spec"]
+        secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+        assert secrets and all(s["defaultMode"] & 0o004 for s in secrets), (name, secrets)

@@ -54,6 +54,15 @@ ENV_VARS: Final = (
 )
 ENV_PREFIX: Final = "DIFFDISAGG_"  # reserved for the operator in user-supplied env (CRD rule)
 
+# --- what the containers run -------------------------------------------------------------------
+# Workers: `args` only, so the worker image's ENTRYPOINT (which makes the platform's native libraries
+# findable) still wraps it; the role comes from DIFFDISAGG_ROLE, so one image serves every role. The
+# gateway image has no wrapper: its command is set in full. tests/contract/test_render_then_run.py
+# runs exactly these.
+WORKER_ARGS: Final = ("python", "-m", "diffdisagg.worker")
+GATEWAY_COMMAND: Final = ("python", "-m", "diffdisagg.worker.gateway")
+SHM_PATH: Final = "/dev/shm"  # in-memory emptyDir of multi-device pods (the ranks' collectives)
+
 # --- allowed values ------------------------------------------------------------------------------
 ROLE_PREFILL: Final = "prefill"
 ROLE_DENOISE: Final = "denoise"

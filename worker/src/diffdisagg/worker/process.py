@@ -23,15 +23,26 @@ from diffdisagg.worker.settings import WorkerSettings, add_arguments, settings_f
 logger = logging.getLogger(__name__)
 
 
-def load_adapter(s: WorkerSettings) -> Any:
-    """The role adapter (imports torch and diffusers); the tiny model is built on first use."""
+def load_adapter(s: WorkerSettings, device: Any = None) -> Any:
+    """The role adapter (imports torch and diffusers) on `device` (default: this worker's first device);
+    the tiny model is built on first use."""
     import torch
 
     from diffdisagg.worker.pipelines import load_role, tiny_model_dir
 
     path = s.model_path or str(tiny_model_dir(s.family))
-    device = "cpu" if s.platform == "cpu" else _device(s.platform)
+    if device is None:
+        device = "cpu" if s.platform == "cpu" else _device(s.platform)
     return load_role(s.family, s.role, path, device, getattr(torch, s.dtype), max_batch_size=s.max_batch_size)
+
+
+def rank_env(s: WorkerSettings) -> Any:
+    """Where this process sits in the pod's rank group (docs/multi-device.md): one rank unless
+    --devices-per-pod / DIFFDISAGG_DEVICES_PER_POD > 1 or the rank variables are set."""
+    from diffdisagg.worker import contract as c
+    from diffdisagg.worker.distributed import RankEnv
+
+    return RankEnv.from_env({**os.environ, c.ENV_DEVICES_PER_POD: str(s.devices_per_pod)})
 
 
 def _device(platform: str) -> Any:
@@ -75,6 +86,7 @@ async def serve(
     s: WorkerSettings,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Any], None] | None = None,
+    adapter: Any = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT, or until `stop` is set when given (then no signal
     handlers are installed: several workers may share one loop, as the in-process tests do).
@@ -83,7 +95,8 @@ async def serve(
     from diffdisagg.worker.runtime import WorkerRuntime
 
     token = load_token(s.token_file)
-    adapter = await asyncio.get_running_loop().run_in_executor(None, load_adapter, s)
+    if adapter is None:  # else: rank 0's LeaderAdapter of a multi-device worker, loaded already
+        adapter = await asyncio.get_running_loop().run_in_executor(None, load_adapter, s)
     from diffdisagg.worker.scheduler import ReceivedRequest
 
     if s.stage_delay_s > 0:
@@ -119,12 +132,32 @@ async def serve(
 
 def run(a: argparse.Namespace) -> None:
     s = settings_from_args(a)
+    env = rank_env(s)
+    rank = f"/rank{env.rank}" if env.distributed else ""
     logging.basicConfig(
         level=a.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {s.role}[{s.worker_id}] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {s.role}[{s.worker_id}{rank}] %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per control call is noise
-    asyncio.run(serve(s))
+    ranks = None
+    if env.distributed:
+        # several devices in this pod: one worker made of N ranks (docs/multi-device.md)
+        from diffdisagg.worker.distributed import run_follower, start_leader
+
+        def load(device: Any) -> Any:
+            return load_adapter(s, device)
+
+        if not env.is_leader:
+            # ranks 1..N-1: no socket, no buffer, no gateway link; 0 after STOP, 75 if the group is lost
+            code = run_follower(env, load)
+            logging.shutdown()
+            os._exit(code)
+        ranks = start_leader(env, load)  # main thread: the spawned ranks die with this thread
+    try:
+        asyncio.run(serve(s, adapter=ranks.adapter if ranks is not None else None))
+    finally:
+        if ranks is not None:
+            ranks.close()
     # Every slot is freed and the gateway told by now; do not wait for worker threads (a send stuck on
     # a dead peer) to exit on their own.
     logging.shutdown()

@@ -1,4 +1,4 @@
-"""Vendor → wiring table. One function: `wiring(accel)` returns what the vendor adds to a worker pod."""
+"""Vendor → wiring table. One function: `wiring(accel, devices)`: what the vendor adds to a worker pod."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from diffdisagg.operator.accelerators.base import DeviceWiring
 from diffdisagg.operator.api.types import AcceleratorSpec
 from diffdisagg.operator.errors import SpecError
 
-_VENDORS: dict[str, Callable[[AcceleratorSpec], DeviceWiring]] = {
+_VENDORS: dict[str, Callable[[AcceleratorSpec, int], DeviceWiring]] = {
     "nvidia": nvidia.wiring,
     "ascend": ascend.wiring,
     "cpu": cpu.wiring,
 }
 
 
-def wiring(accel: AcceleratorSpec) -> DeviceWiring:
+def wiring(accel: AcceleratorSpec, devices: int = 1) -> DeviceWiring:
+    """What the vendor adds to a worker pod with `devices` devices (see api.types.devices_of)."""
     try:
-        return _VENDORS[accel.vendor](accel)
+        return _VENDORS[accel.vendor](accel, devices)
     except KeyError:
         raise SpecError(
             f"spec.accelerator.vendor {accel.vendor!r} is not one of {', '.join(_VENDORS)}"

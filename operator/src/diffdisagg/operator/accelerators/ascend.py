@@ -14,7 +14,7 @@ HCCN_CONF = "/etc/hccn.conf"
 HCCN_VOLUME = "hccn-conf"
 
 
-def wiring(accel: AcceleratorSpec) -> DeviceWiring:
+def wiring(accel: AcceleratorSpec, devices: int) -> DeviceWiring:
     env = ({"name": "HCCL_IF_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},)
     volumes: tuple = ()
     mounts: tuple = ()
@@ -23,7 +23,7 @@ def wiring(accel: AcceleratorSpec) -> DeviceWiring:
         mounts = ({"name": HCCN_VOLUME, "mountPath": HCCN_CONF, "readOnly": True},)
     return DeviceWiring(
         platform="npu",
-        limits={accel.resource_name or DEFAULT_RESOURCE: accel.devices_per_pod},
+        limits={accel.resource_name or DEFAULT_RESOURCE: devices},
         env=env,
         volumes=volumes,
         volume_mounts=mounts,

@@ -6,5 +6,5 @@ from diffdisagg.operator.accelerators.base import DeviceWiring
 from diffdisagg.operator.api.types import AcceleratorSpec
 
 
-def wiring(accel: AcceleratorSpec) -> DeviceWiring:
+def wiring(accel: AcceleratorSpec, devices: int) -> DeviceWiring:
     return DeviceWiring(platform="cpu")

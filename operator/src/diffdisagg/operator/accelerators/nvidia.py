@@ -8,7 +8,5 @@ from diffdisagg.operator.api.types import AcceleratorSpec
 DEFAULT_RESOURCE = "nvidia.com/gpu"
 
 
-def wiring(accel: AcceleratorSpec) -> DeviceWiring:
-    return DeviceWiring(
-        platform="cuda", limits={accel.resource_name or DEFAULT_RESOURCE: accel.devices_per_pod}
-    )
+def wiring(accel: AcceleratorSpec, devices: int) -> DeviceWiring:
+    return DeviceWiring(platform="cuda", limits={accel.resource_name or DEFAULT_RESOURCE: devices})

@@ -19,6 +19,10 @@ VENDORS = ("nvidia", "ascend", "cpu")
 BACKENDS = ("tcp", "mooncake")
 PROTOCOLS = ("tcp", "rdma", "ascend")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+# one pod's devices: 16 is more than any single node we target carries (8 GPUs, 8-16 NPUs); one worker
+# never spans nodes, so a larger value could only be a typo that leaves the pod Pending forever
+MAX_DEVICES_PER_POD = 16
+DEFAULT_SHM_SIZE_LIMIT = "8Gi"
 
 _NAME_MAX = 253
 _STR_MAX = 1024
@@ -340,10 +344,22 @@ def _accelerator() -> Schema:
                 pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
             ),
             "devicesPerPod": _i(
-                "devicesPerPod: devices per worker pod (default 1; only 1 is supported now).",
+                "devicesPerPod: devices of each denoise pod (default 1, at most "
+                f"{MAX_DEVICES_PER_POD}): the denoise worker then runs as that many ranks, one device each "
+                "(context or CFG parallel). Prefill and decode pods always get one device: their models "
+                "would only be replicated on every rank, gaining neither speed nor memory.",
                 minimum=1,
+                maximum=MAX_DEVICES_PER_POD,
                 default=1,
             ),
+            "shmSizeLimit": {
+                "description": "shmSizeLimit: size limit of the in-memory /dev/shm given to denoise pods "
+                f"with devicesPerPod > 1, for the ranks' collectives (default {DEFAULT_SHM_SIZE_LIMIT}; "
+                "counts against the pod's memory).",
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+                "x-kubernetes-int-or-string": True,
+                "pattern": _QUANTITY,
+            },
             "nodeSelector": _map("nodeSelector: node labels the worker pods must match."),
             "tolerations": _tolerations(""),
             "hccnConfHostPath": _s(
@@ -352,11 +368,6 @@ def _accelerator() -> Schema:
         },
         ["vendor"],
         rules=[
-            _rule(
-                "self.devicesPerPod <= 1",
-                "accelerator.devicesPerPod > 1 (multi-device roles) is not supported yet",
-                ".devicesPerPod",
-            ),
             _rule(
                 "self.vendor != 'cpu' || !has(self.resourceName)",
                 "accelerator.resourceName cannot be set when accelerator.vendor is cpu",

@@ -38,7 +38,8 @@ class ModelSpec:
 class AcceleratorSpec:
     vendor: str
     resource_name: str | None = None
-    devices_per_pod: int = 1
+    devices_per_pod: int = 1  # of each denoise pod; prefill and decode pods get one device
+    shm_size_limit: str = s.DEFAULT_SHM_SIZE_LIMIT
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[Json, ...] = ()
     hccn_conf_host_path: str | None = None
@@ -107,6 +108,12 @@ class RoleSpec:
     @property
     def autoscaled(self) -> bool:
         return self.autoscaling.enabled
+
+
+def devices_of(accel: AcceleratorSpec, role: str) -> int:
+    """Devices one pod of `role` gets. Only denoise spans several: prefill's text encoders and decode's
+    VAE have no parallel plan, so extra ranks would replicate them (no speed-up, no memory saved)."""
+    return accel.devices_per_pod if role == c.ROLE_DENOISE else 1
 
 
 @dataclass(frozen=True)
@@ -206,12 +213,13 @@ def parse_spec(spec: Json) -> DDDSpec:
         vendor=a["vendor"],
         resource_name=a.get("resourceName"),
         devices_per_pod=int(a.get("devicesPerPod", 1)),
+        shm_size_limit=str(a.get("shmSizeLimit", s.DEFAULT_SHM_SIZE_LIMIT)),
         node_selector=_pairs(a.get("nodeSelector")),
         tolerations=tuple(dict(t) for t in a.get("tolerations") or []),
         hccn_conf_host_path=a.get("hccnConfHostPath"),
     )
-    if accel.devices_per_pod != 1:
-        raise SpecError("spec.accelerator.devicesPerPod > 1 (multi-device roles) is not supported yet")
+    if not 1 <= accel.devices_per_pod <= s.MAX_DEVICES_PER_POD:
+        raise SpecError(f"spec.accelerator.devicesPerPod must be between 1 and {s.MAX_DEVICES_PER_POD}")
     t = spec.get("transfer") or {}
     pr = t.get("portRange") or {}
     transfer = TransferSpec(

@@ -24,6 +24,11 @@ TOKEN_VOLUME = "diffdisagg-token"
 CONFIG_VOLUME = "diffdisagg-config"
 MODEL_VOLUME = "model"
 API_KEY_VOLUME = "api-key"
+SHM_VOLUME = "dshm"
+# Secret files are owned by root unless the pod sets an fsGroup, and our images run as a non-root user
+# (65532): 0440 would make the token unreadable to the worker. The container runs nothing but our
+# process, so world-readable inside it gives away nothing a group bit would keep.
+SECRET_MODE = 0o444
 
 
 def _v(name: str, value: object) -> Json:
@@ -45,7 +50,7 @@ def common_env(owner: Owner, role: str) -> list[Json]:
     ]
 
 
-def worker_env(owner: Owner, role: str, device: DeviceWiring) -> list[Json]:
+def worker_env(owner: Owner, role: str, device: DeviceWiring, devices: int) -> list[Json]:
     spec = owner.spec
     t = spec.transfer
     env = [
@@ -53,7 +58,8 @@ def worker_env(owner: Owner, role: str, device: DeviceWiring) -> list[Json]:
         _v(c.ENV_PLATFORM, device.platform),
         _v(c.ENV_MODEL_PATH, spec.model.path),
         _v(c.ENV_GATEWAY_URL, gateway_url(owner)),
-        _v(c.ENV_DEVICES_PER_POD, spec.accelerator.devices_per_pod),
+        # N > 1: the worker starts ranks 1..N-1 itself and they rendezvous on the pod's loopback
+        _v(c.ENV_DEVICES_PER_POD, devices),
         _v(c.ENV_CONTROL_PORT, c.DEFAULT_CONTROL_PORT),
         _v(c.ENV_TRANSFER_BACKEND, t.backend),
         _v(c.ENV_BUFFER_BYTES, t.buffer_bytes),
@@ -74,7 +80,10 @@ def worker_env(owner: Owner, role: str, device: DeviceWiring) -> list[Json]:
 
 
 def gateway_env(owner: Owner) -> list[Json]:
-    env = common_env(owner, c.ROLE_GATEWAY)
+    # The gateway dispatches only to workers of its own deployment, revision and family (the first
+    # three come from common_env), so it rolls together with them. The model path only names the
+    # model in /v1/models; the gateway never reads it.
+    env = [*common_env(owner, c.ROLE_GATEWAY), _v(c.ENV_MODEL_PATH, owner.spec.model.path)]
     if owner.spec.gateway.api_key_secret:
         env.append(_v(c.ENV_API_KEY_FILE, f"{API_KEY_DIR}/{owner.spec.gateway.api_key_key}"))
     return env
@@ -83,7 +92,10 @@ def gateway_env(owner: Owner) -> list[Json]:
 def shared_volumes(owner: Owner) -> tuple[list[Json], list[Json]]:
     """(volumes, mounts) every pod of the deployment gets: the inter-role token and the pipeline config."""
     volumes = [
-        {"name": TOKEN_VOLUME, "secret": {"secretName": token_secret_name(owner), "defaultMode": 0o440}},
+        {
+            "name": TOKEN_VOLUME,
+            "secret": {"secretName": token_secret_name(owner), "defaultMode": SECRET_MODE},
+        },
         {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(owner)}},
     ]
     mounts = [
@@ -91,6 +103,19 @@ def shared_volumes(owner: Owner) -> tuple[list[Json], list[Json]]:
         {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
     ]
     return volumes, mounts
+
+
+def shm_volume(owner: Owner, devices: int) -> tuple[list[Json], list[Json]]:
+    """An in-memory /dev/shm for pods whose worker runs several ranks: NCCL moves data between the
+    local ranks through shared memory, and a container runtime's default /dev/shm (64 MiB under
+    Docker) is too small for its buffers."""
+    if devices <= 1:
+        return [], []
+    size = owner.spec.accelerator.shm_size_limit
+    return (
+        [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}}],
+        [{"name": SHM_VOLUME, "mountPath": c.SHM_PATH}],
+    )
 
 
 def model_volume(owner: Owner) -> tuple[list[Json], list[Json]]:
@@ -111,6 +136,6 @@ def api_key_volume(owner: Owner) -> tuple[list[Json], list[Json]]:
     if not g.api_key_secret:
         return [], []
     return (
-        [{"name": API_KEY_VOLUME, "secret": {"secretName": g.api_key_secret, "defaultMode": 0o440}}],
+        [{"name": API_KEY_VOLUME, "secret": {"secretName": g.api_key_secret, "defaultMode": SECRET_MODE}}],
         [{"name": API_KEY_VOLUME, "mountPath": API_KEY_DIR, "readOnly": True}],
     )

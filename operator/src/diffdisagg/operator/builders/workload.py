@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffdisagg.operator import accelerators
 from diffdisagg.operator import contract as c
 from diffdisagg.operator.api import names as n
-from diffdisagg.operator.api.types import ContainerSpec, RoleSpec
+from diffdisagg.operator.api.types import ContainerSpec, RoleSpec, devices_of
 from diffdisagg.operator.builders import wiring
 from diffdisagg.operator.builders.common import Json, Owner, child_name, labels, metadata, selector_labels
 
@@ -79,9 +79,11 @@ def _deployment(owner: Owner, role: str, replicas: int, template: Json) -> Json:
 
 def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
     spec = owner.spec
-    device = accelerators.wiring(spec.accelerator)
+    devices = devices_of(spec.accelerator, role.name)
+    device = accelerators.wiring(spec.accelerator, devices)
     volumes, mounts = wiring.shared_volumes(owner)
     mv, mm = wiring.model_volume(owner)
+    sv, sm = wiring.shm_volume(owner, devices)
     extended = dict(device.limits)
     rdma = spec.transfer.effective_rdma_resource
     if rdma:
@@ -92,9 +94,10 @@ def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
     container: Json = {
         "name": role.name,
         "image": role.container.image,
-        "env": wiring.worker_env(owner, role.name, device) + [dict(e) for e in role.container.env],
+        "args": list(c.WORKER_ARGS),
+        "env": wiring.worker_env(owner, role.name, device, devices) + [dict(e) for e in role.container.env],
         "ports": ports,
-        "volumeMounts": mounts + mm + list(device.volume_mounts),
+        "volumeMounts": mounts + mm + sm + list(device.volume_mounts),
         # the control port speaks our own protocol, not HTTP: a TCP probe is all we can say about it
         "readinessProbe": {"tcpSocket": {"port": "control"}, "periodSeconds": 5},
     }
@@ -105,7 +108,7 @@ def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
         owner,
         role.name,
         container,
-        volumes + mv + list(device.volumes),
+        volumes + mv + sv + list(device.volumes),
         role.container,
         dict(spec.accelerator.node_selector),
         [dict(t) for t in spec.accelerator.tolerations],
@@ -120,6 +123,7 @@ def gateway_deployment(owner: Owner) -> Json:
     container: Json = {
         "name": c.ROLE_GATEWAY,
         "image": g.container.image,
+        "command": list(c.GATEWAY_COMMAND),
         "env": wiring.gateway_env(owner) + [dict(e) for e in g.container.env],
         "ports": [{"name": "http", "containerPort": c.GATEWAY_HTTP_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts + km,
