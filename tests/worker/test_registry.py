@@ -68,3 +68,16 @@ def test_roles_are_separate_and_busy_mark_expires() -> None:
     assert r.get("d").busy_until == clock.now + 0.2
     assert r.drop("d", "test") is not None
     assert r.drop("d", "again") is None
+
+
+def test_only_workers_of_the_gateways_revision_make_it_ready() -> None:
+    # a rollout: the new gateway (r2) still sees every old (r1) worker live, but cannot dispatch to them
+    r = Registry(heartbeat_interval_s=1.0, misses=3, revision="r2", clock=Clock())
+    roles = ("prefill", "denoise", "decode")
+    for role in roles:
+        r.register(_reg(f"old-{role}", role=role))
+    assert all(len(r.live(role)) == 1 for role in roles)
+    assert r.roles_live(roles) == {"prefill": 0, "denoise": 0, "decode": 0}
+    r.register(_reg("new-denoise", role="denoise").model_copy(update={"revision": "r2"}))
+    assert [w.worker_id for w in r.servable("denoise")] == ["new-denoise"]
+    assert r.roles_live(roles) == {"prefill": 0, "denoise": 1, "decode": 0}

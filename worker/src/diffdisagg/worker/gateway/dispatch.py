@@ -194,7 +194,7 @@ class Dispatcher:
                 reason="overloaded",
                 headers={"retry-after": "1"},
             )
-        missing = [r for r in STAGE_ROLES if not self.registry.live(r)]
+        missing = [r for r in STAGE_ROLES if not self.registry.servable(r)]
         if missing:
             raise APIError(
                 503,

@@ -118,5 +118,10 @@ class Registry:
     def all(self) -> list[WorkerInfo]:
         return list(self._workers.values())
 
+    def servable(self, role: str) -> list[WorkerInfo]:
+        """Live workers of this gateway's revision: the only ones it dispatches to. During a rollout, old
+        workers stay registered (and in the metrics) but must not make the gateway ready."""
+        return [w for w in self.live(role) if w.revision == self.revision]
+
     def roles_live(self, roles: tuple[str, ...]) -> dict[str, int]:
-        return {r: len(self.live(r)) for r in roles}
+        return {r: len(self.servable(r)) for r in roles}
