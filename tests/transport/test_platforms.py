@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -151,15 +152,33 @@ class StandInNpuModule:
         return _Ctx()
 
 
-@pytest.fixture
-def npu_names():
-    """Let torch.device("npu", i) parse, as `import torch_npu` does."""
-    if torch._C._get_privateuse1_backend_name() != "npu":
-        torch.utils.rename_privateuse1_backend("npu")
+CHILD_ENV = "DIFFDISAGG_NPU_STANDIN_CHILD"
+
+
+def ran_in_child_process(test_name: str) -> bool:
+    """Run `test_name` in a fresh pytest process and report True there, or return False inside that child.
+
+    Renaming torch's PrivateUse1 backend to "npu" (what `import torch_npu` does) cannot be undone, and
+    afterwards diffusers/safetensors in the same process look for a `torch.npu` module that does not exist
+    here: the rename must never happen in the shared test process.
+    """
+    if os.environ.get(CHILD_ENV) == test_name:
+        if torch._C._get_privateuse1_backend_name() != "npu":
+            torch.utils.rename_privateuse1_backend("npu")
+        return False
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test_name}"],
+        env={**os.environ, CHILD_ENV: test_name},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout + out.stderr
+    return True
 
 
 @pytest.fixture
-def standin_npu(npu_names):
+def standin_npu():
     module = StandInNpuModule(count=2)
     return module, NpuPlatform(device_module=module)
 
@@ -321,6 +340,8 @@ def test_to_host_moves_only_non_cpu_tensors(platform_factory):
 
 
 def test_npu_platform_attributes(standin_npu):
+    if ran_in_child_process("test_npu_platform_attributes"):
+        return
     module, p = standin_npu
     assert (p.device_type, p.collective_backend, p.visible_devices_env) == (
         "npu",
@@ -344,6 +365,8 @@ def test_npu_platform_attributes(standin_npu):
 
 
 def test_npu_streams_events_through_the_device_module(standin_npu):
+    if ran_in_child_process("test_npu_streams_events_through_the_device_module"):
+        return
     module, p = standin_npu
     s = p.Stream(0)
     assert isinstance(s, StandInNpuStream) and s.device == torch.device("npu", 0)
