@@ -16,11 +16,11 @@ tier() {
   summary+=("$(printf '%-10s %4ds  rc=%d' "$name" $((SECONDS - t0)) $r)")
 }
 tier lint "$venv/bin/ruff" check .
+# heavy builds (cached under ~/.cache/diffdisagg, keyed by version) before any pytest tier (the chart unit
+# tests use the plane's helm too), so a cold build never counts against a test's timeout
+tier build bash -c 'scripts/cluster/build.sh >/dev/null && scripts/metrics/install.sh >/dev/null && scripts/metrics/build-adapter.sh >/dev/null'
 tier unit "$py" -m pytest -q tests/test_layout.py tests/transport tests/worker tests/operator tests/contract
 tier e2e "$py" -m pytest -q tests/e2e
-# heavy builds (cached under ~/.cache/diffdisagg, keyed by version) before pytest, so a cold build
-# never counts against a test's timeout
-tier build bash -c 'scripts/cluster/build.sh >/dev/null && scripts/metrics/install.sh >/dev/null && scripts/metrics/build-adapter.sh >/dev/null'
 tier cluster "$py" -m pytest -q tests/cluster
 tier images "$py" -m pytest -q tests/images
 echo "=== tier times"; printf '%s\n' "${summary[@]}"
