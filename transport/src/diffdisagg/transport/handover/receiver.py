@@ -464,12 +464,7 @@ class HandoverReceiver:
             return self._send(
                 conn,
                 m.Busy(
-                    request_id=msg.request_id,
-                    revision=self._cfg.revision,
-                    deadline=msg.deadline,
-                    nonce=os.urandom(m.NONCE_BYTES),
-                    seq=next(self._seq),
-                    in_reply_to=msg.nonce,
+                    **self._envelope(msg),
                     free_bytes=a.free_bytes,
                     largest_free_block=a.largest_free_block,
                 ),
@@ -489,12 +484,7 @@ class HandoverReceiver:
                     a = self._buffer.allocator
                     self.counters["busy"] += 1
                     reply = m.Busy(
-                        request_id=msg.request_id,
-                        revision=self._cfg.revision,
-                        deadline=msg.deadline,
-                        nonce=os.urandom(m.NONCE_BYTES),
-                        seq=next(self._seq),
-                        in_reply_to=msg.nonce,
+                        **self._envelope(msg),
                         free_bytes=a.free_bytes,
                         largest_free_block=a.largest_free_block,
                     )
@@ -514,12 +504,7 @@ class HandoverReceiver:
                     self._by_request[res.request_id] = res
                     self.counters["reserved"] += 1
                     reply = m.Reserved(
-                        request_id=msg.request_id,
-                        revision=self._cfg.revision,
-                        deadline=msg.deadline,
-                        nonce=os.urandom(m.NONCE_BYTES),
-                        seq=next(self._seq),
-                        in_reply_to=msg.nonce,
+                        **self._envelope(msg),
                         slot_id=handle.slot_id,
                         generation=handle.generation,
                         offset=handle.offset,
@@ -599,12 +584,7 @@ class HandoverReceiver:
         return self._send(
             conn,
             m.Ack(
-                request_id=msg.request_id,
-                revision=self._cfg.revision,
-                deadline=msg.deadline,
-                nonce=os.urandom(m.NONCE_BYTES),
-                seq=next(self._seq),
-                in_reply_to=msg.nonce,
+                **self._envelope(msg),
             ),
         )
 
@@ -629,6 +609,17 @@ class HandoverReceiver:
 
     # ------------------------------------------------------------------------------------ replies
 
+    def _envelope(self, msg: m.Message, deadline: float | None = None) -> dict[str, Any]:
+        """The fields every reply carries: it answers `msg` (same request, its nonce) under our revision."""
+        return {
+            "request_id": msg.request_id,
+            "revision": self._cfg.revision,
+            "deadline": msg.deadline if deadline is None else deadline,
+            "nonce": os.urandom(m.NONCE_BYTES),
+            "seq": next(self._seq),
+            "in_reply_to": msg.nonce,
+        }
+
     def _send(self, conn: socket.socket, reply: m.Message) -> bool:
         try:
             write_message(conn, self._cfg.token, reply, time.time() + self._cfg.io_timeout_s)
@@ -652,12 +643,7 @@ class HandoverReceiver:
         sent = self._send(
             conn,
             m.Nack(
-                request_id=msg.request_id,
-                revision=self._cfg.revision,
-                deadline=max(msg.deadline, time.time() + self._cfg.io_timeout_s),
-                nonce=os.urandom(m.NONCE_BYTES),
-                seq=next(self._seq),
-                in_reply_to=msg.nonce,
+                **self._envelope(msg, deadline=max(msg.deadline, time.time() + self._cfg.io_timeout_s)),
                 reason=reason.value,
                 detail=detail[:512],
             ),
