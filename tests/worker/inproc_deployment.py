@@ -33,6 +33,7 @@ class Spec:
     role: str
     capacity: int = 4
     stage_delay_s: float = 0.0
+    encode_threads: int = 2  # decode only: media encoding threads (0 = inline on the compute thread)
 
 
 def wait_for(
@@ -133,6 +134,7 @@ class InProcessDeployment:
                 max_batch_size=1,
                 heartbeat_interval_s=0.25,
                 stage_delay_s=spec.stage_delay_s,
+                encode_threads=spec.encode_threads,
             )
 
             registered = asyncio.Event()

@@ -52,6 +52,10 @@ ENV_VARS: Final = (
     ENV_DEVICES_PER_POD,
 )
 
+# --- worker-only tuning: read by the worker, never written by the operator (so not in ENV_VARS, which
+# tests/contract/ checks against the operator's copy; the pod uses the default) ----------------------
+ENV_ENCODE_THREADS: Final = "DIFFDISAGG_ENCODE_THREADS"  # decode: media encoding threads (0 = inline)
+
 # --- allowed values -------------------------------------------------------------------------------
 ROLE_PREFILL: Final = "prefill"
 ROLE_DENOISE: Final = "denoise"

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 def load_adapter(s: WorkerSettings, device: Any = None) -> Any:
     """The role adapter (imports torch and diffusers) on `device` (default: this worker's first device);
-    the tiny model is built on first use."""
+    the tiny model is built on first use. Decode defers its media encoding to the runtime when
+    `--encode-threads` > 0 (every rank of a multi-device worker loads through here)."""
     import torch
 
     from diffdisagg.worker.pipelines import load_role, tiny_model_dir
@@ -33,7 +34,13 @@ def load_adapter(s: WorkerSettings, device: Any = None) -> Any:
     path = s.model_path or str(tiny_model_dir(s.family))
     if device is None:
         device = "cpu" if s.platform == "cpu" else _device(s.platform)
-    return load_role(s.family, s.role, path, device, getattr(torch, s.dtype), max_batch_size=s.max_batch_size)
+    adapter = load_role(
+        s.family, s.role, path, device, getattr(torch, s.dtype), max_batch_size=s.max_batch_size
+    )
+    if s.role == "decode":
+        # The runtime encodes PNG / MP4 on its encode threads while the device decodes the next batch.
+        adapter.encode_later = s.encode_threads > 0
+    return adapter
 
 
 def rank_env(s: WorkerSettings) -> Any:

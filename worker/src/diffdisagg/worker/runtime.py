@@ -17,6 +17,13 @@ with the upstream worker, which the gateway counts as held upstream for our role
 depth). Should arrivals still outrun the scheduler (offers admitted together), the extra ones wait here
 in their slots and are offered to the scheduler again.
 
+Decode's media encoding (PNG / MP4, CPU only) runs on a small pool of encode threads (`--encode-threads`,
+0 = inline on the compute thread), so the device decodes the next batch while the previous one is
+encoded. A request being encoded (or waiting for an encode thread) still occupies this worker: `admit`
+counts it and `load` reports it as in flight, so a worker whose encoder is slower than its device
+answers busy instead of piling up decoded pixels in host memory. Encoding that fails fails that
+request alone; one cancelled meanwhile is not posted.
+
 Timings: each stage reports its `StageTiming` (queue wait here, compute seconds, batch size, and for the
 outgoing hand-over its bytes, seconds, write seconds, wait for a receiver and attempts) with the
 `handed` event, decode's with the result, and a failed stage's as far as it got.
@@ -28,8 +35,10 @@ small pool for the blocking sends run beside it, so transfers overlap compute.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +122,15 @@ class WorkerRuntime:
         self.held: dict[str, asyncio.Task[None]] = {}  # key -> forwarding task (tensors held here)
         self.cancelled: dict[str, tuple[int, float]] = {}  # request id -> (void up to attempt, when)
         self._senders = ThreadPoolExecutor(4, thread_name_prefix=f"{settings.role}-send")
+        # decode: media encoding off the compute thread (None: the adapter encodes inline)
+        self._encoder: ThreadPoolExecutor | None = None
+        if settings.role == "decode" and settings.encode_threads > 0:
+            self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="decode-encode")
+        # Keys whose media is waiting for or being encoded: added on the compute thread as the batch
+        # completes (before the scheduler stops counting it in flight), removed once the encode ended.
+        self._encoding: set[str] = set()
+        self._encoding_lock = threading.Lock()
+        self._encodes: dict[str, concurrent.futures.Future[float]] = {}  # key -> its encode (loop only)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -121,9 +139,19 @@ class WorkerRuntime:
 
     # --- load -----------------------------------------------------------------------------------
 
+    @property
+    def encoding(self) -> int:
+        """Decoded requests whose media is waiting for, or being, encoded (any thread)."""
+        with self._encoding_lock:
+            return len(self._encoding)
+
+    def _encoded(self, key: str) -> None:
+        with self._encoding_lock:
+            self._encoding.discard(key)
+
     def load(self) -> Load:
         queued = self.scheduler.queue_depth + len(self.pending)
-        inflight = self.scheduler.inflight
+        inflight = self.scheduler.inflight + self.encoding  # encoding: still ours, not yet posted
         free = max(0, self.s.capacity - queued - inflight)
         if self.s.role != "prefill":
             free = min(free, self.handoff.free_slots())
@@ -187,11 +215,14 @@ class WorkerRuntime:
         """The receiver's question on every offer (its thread): reserve a slot, or answer busy now?
 
         Yes only while the scheduler has room for one more beside what is queued, computing, parked
-        here, and already reserved or complete in the receiver (offers admitted but not yet here).
+        here, already reserved or complete in the receiver (offers admitted but not yet here), and
+        (decode) decoded but not yet encoded.
         """
         if self._stopping or self.pending or not self.scheduler.has_capacity():
             return False
-        busy = self.scheduler.queue_depth + self.scheduler.inflight + self.handoff.in_transit()
+        busy = (
+            self.scheduler.queue_depth + self.scheduler.inflight + self.handoff.in_transit() + self.encoding
+        )
         return busy < self.s.capacity
 
     def _admit(self, job: Job) -> None:
@@ -261,6 +292,11 @@ class WorkerRuntime:
             job = self.jobs.get(key)
             if job is not None and self.is_cancelled(job.request_id, job.attempt):
                 task.cancel()
+        # Waiting for an encode thread: dropped (one already encoding finishes; it is not posted).
+        for key, fut in list(self._encodes.items()):
+            job = self.jobs.get(key)
+            if job is not None and self.is_cancelled(job.request_id, job.attempt):
+                fut.cancel()
         logger.info("%s: %s cancelled up to attempt %d (%s)", self.s.role, request_id, attempt, reason)
 
     # --- the scheduler's callbacks (its compute thread) -------------------------------------------
@@ -271,6 +307,17 @@ class WorkerRuntime:
 
     def _on_complete_threadsafe(self, completion: Any) -> None:
         assert self.loop is not None
+        out = completion.output
+        if (
+            self.s.role == "decode"
+            and completion.error is None
+            and out is not None
+            and out.media is None
+            and getattr(out, "encode", None) is not None
+        ):
+            # Counted before the scheduler stops counting it in flight: admission never sees a gap.
+            with self._encoding_lock:
+                self._encoding.add(completion.request_id)
         self.loop.call_soon_threadsafe(self._on_complete, completion)
 
     def _compute_started(self, key: str, at: float) -> None:
@@ -282,9 +329,11 @@ class WorkerRuntime:
     def _on_complete(self, c: Any) -> None:
         job = self.jobs.get(c.request_id)
         if job is None or self._stopping:  # stopping: the link is closing; the gateway notices us gone
+            self._encoded(c.request_id)  # nothing will encode it
             return
         if self.is_cancelled(job.request_id, job.attempt):
             self.jobs.pop(job.key, None)
+            self._encoded(c.request_id)
             return
         if c.compute_s:
             job.compute_s, job.batch_size = c.compute_s, c.batch_size
@@ -348,6 +397,27 @@ class WorkerRuntime:
 
     async def _post_result(self, job: Job, out: Any, seconds: float) -> None:
         try:
+            if out.media is None and getattr(out, "encode", None) is not None:
+                if self.is_cancelled(job.request_id, job.attempt):
+                    return  # cancelled since it completed: not worth encoding
+                try:
+                    encode_s = await self._encode(job, out)
+                except asyncio.CancelledError:
+                    fut = self._encodes.get(job.key)
+                    task = asyncio.current_task()
+                    if fut is not None and fut.cancelled() and not (task and task.cancelling()):
+                        return  # the request was cancelled before its encode started: dropped
+                    raise
+                except Exception as exc:  # this request fails; the worker keeps serving
+                    logger.warning("decode: encoding the media of %s failed: %r", job.key, exc)
+                    if not self.is_cancelled(job.request_id, job.attempt):
+                        msg = f"media encoding failed: {type(exc).__name__}: {exc}"
+                        await self._fail(job, "worker_error", msg, after=job.started)
+                    return
+                seconds = (seconds or 0.0) + encode_s
+                job.compute_s = (job.compute_s or 0.0) + encode_s  # decode's compute: VAE + encoding
+                if self.is_cancelled(job.request_id, job.attempt):
+                    return
             if job.started is not None:
                 await job.started
             header = ResultHeader(
@@ -367,7 +437,26 @@ class WorkerRuntime:
                     logger.warning("decode: result %s not delivered (%s); retrying", job.request_id, exc)
                     await asyncio.sleep(0.2)
         finally:
+            if self._encodes.pop(job.key, None) is None:
+                self._encoded(job.key)  # no encode was started for it (or none was needed)
             self.jobs.pop(job.key, None)
+
+    async def _encode(self, job: Job, out: Any) -> float:
+        """Encode `out`'s media on an encode thread; its seconds (the encode alone, not the wait for a
+        thread). `encoding` stops counting it when the encode ends, or when a cancel dropped it unstarted.
+        """
+
+        def work() -> float:
+            t0 = time.monotonic()
+            out.finish_media()
+            return time.monotonic() - t0
+
+        if self._encoder is None:  # --encode-threads 0, yet the adapter deferred: never on the loop
+            self._encoder = ThreadPoolExecutor(1, thread_name_prefix="decode-encode")
+        fut = self._encoder.submit(work)
+        self._encodes[job.key] = fut
+        fut.add_done_callback(lambda _f, key=job.key: self._encoded(key))
+        return await asyncio.wrap_future(fut)
 
     async def _forward(self, job: Job, out: Any, seconds: float) -> None:
         """Ask the next hop, hand over; busy/unreachable receivers -> ask again, until the deadline."""
@@ -536,6 +625,8 @@ class WorkerRuntime:
         for job in list(self.pending):
             self._drop_unsubmitted(job)
         self._senders.shutdown(wait=False, cancel_futures=True)
+        if self._encoder is not None:  # a running encode is abandoned, not waited for
+            self._encoder.shutdown(wait=False, cancel_futures=True)
         await self.link.close()
 
 

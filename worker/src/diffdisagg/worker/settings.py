@@ -49,6 +49,10 @@ class WorkerSettings:
     stage_delay_s: float = 0.0
     """Extra seconds per batch, to make a pool slow in tests and benches only (never in production)."""
     dtype: str = "float32"
+    encode_threads: int = 2
+    """Threads that encode the decode role's media (PNG / MP4, CPU) off the compute thread, so the device
+    decodes the next batch meanwhile; 0 = encode inline on the compute thread as before. Only the decode
+    role uses it."""
 
     def __post_init__(self) -> None:
         if self.role not in c.STAGE_ROLES:
@@ -57,6 +61,8 @@ class WorkerSettings:
             raise ValueError(f"platform must be one of {', '.join(c.PLATFORMS)}, got {self.platform!r}")
         if self.capacity < 1 or self.max_batch_size < 1:
             raise ValueError("capacity and max_batch_size must be >= 1")
+        if self.encode_threads < 0:
+            raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
 
     @property
     def control_url(self) -> str:
@@ -104,6 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra seconds per batch: makes this pool slow, for tests and benchmarks only",
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument(
+        "--encode-threads",
+        type=int,
+        default=int(_env(c.ENV_ENCODE_THREADS, "2")),
+        help="decode role: threads encoding PNG/MP4 off the compute thread (0 = inline)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -142,4 +154,5 @@ def settings_from_args(a: argparse.Namespace) -> WorkerSettings:
         heartbeat_interval_s=a.heartbeat_interval,
         stage_delay_s=a.stage_delay,
         dtype=a.dtype,
+        encode_threads=a.encode_threads,
     )

@@ -8,6 +8,7 @@ batches by ``batch_key``) and runs one batch per ``run_batch`` call under ``torc
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from collections.abc import Hashable, Sequence
@@ -159,6 +160,11 @@ class DenoiseAdapter(_Base):
 
 class DecodeAdapter(_Base):
     role = "decode"
+    #: Leave media encoding (PNG / MP4, CPU only) to the caller: ``run_batch`` returns outputs whose
+    #: ``encode`` makes the bytes, so the worker encodes on other threads while the device decodes the
+    #: next batch. Encoding a video took as long as its VAE decode in the multi-GPU bench
+    #: (bench/RESULTS.md), and inline it leaves the device idle for that time.
+    encode_later: bool = False
 
     def validate_input(self, item: StageInput) -> None:
         p = request_params(self.family, item)
@@ -183,6 +189,17 @@ class DecodeAdapter(_Base):
         pixels = self.pixels(items)
         media_type = "video/mp4" if self.ops.video else "image/png"
         encode = encode_mp4 if self.ops.video else encode_png
+        if self.encode_later:
+            host = pixels.to("cpu")  # waits for the device: what is deferred is host work only
+            return [
+                StageOutput(
+                    request_id=it.request_id,
+                    scalars=dict(it.scalars),
+                    media_type=media_type,
+                    encode=functools.partial(encode, host[i]),
+                )
+                for i, it in enumerate(items)
+            ]
         return [
             StageOutput(
                 request_id=it.request_id,

@@ -9,7 +9,7 @@ Tensors are named (the names below are the wire names); everything else travels 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,9 @@ class StageOutput:
     """One request leaving a stage.
 
     prefill/denoise: ``tensors`` for the next stage (batch dimension 1, on the adapter's device).
-    decode: ``media`` (PNG or MP4 bytes) and ``media_type``; ``tensors`` is empty.
+    decode: ``media`` (PNG or MP4 bytes) and ``media_type``; ``tensors`` is empty. A decode adapter
+    that defers encoding leaves ``media`` None and sets ``encode`` instead: a CPU-only call (the pixels
+    are on the host already) that returns the bytes, for the worker to run off its compute thread.
     ``scalars`` passes the request's scalars on, plus what the stage adds (e.g. ``stage_seconds``).
     """
 
@@ -51,6 +53,13 @@ class StageOutput:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     media: bytes | None = None
     media_type: str | None = None
+    encode: Callable[[], bytes] | None = None
+
+    def finish_media(self) -> bytes:
+        """The media bytes: encoded now when the adapter deferred it (CPU work, any thread)."""
+        if self.media is None and self.encode is not None:
+            self.media, self.encode = self.encode(), None
+        return self.media or b""
 
 
 class StageError(RuntimeError):
