@@ -482,3 +482,36 @@ def test_scale_drs_reaches_deployment_and_survives_restart(
         20,
         message="inline replicas back in force",
     )
+
+
+def test_light_stages_on_a_time_sliced_gpu_resource(plane: Plane, namespace: str, operator: Operator) -> None:
+    # spec.roles.<role>.accelerator.resourceName: decode and prefill ask for the resource the NVIDIA device
+    # plugin advertises with time-slicing and renameByDefault (nvidia.com/gpu.shared), denoise for a whole
+    # nvidia.com/gpu; the fake GPU node advertises both, and kube-scheduler places each pod by its own
+    ns = namespace
+    shared = "nvidia.com/gpu.shared"
+    plane.kubectl(
+        "patch",
+        "node",
+        "gpu-node-0",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"capacity": {shared: "32"}, "allocatable": {shared: "32"}}}),
+    )
+    obj = copy.deepcopy(CPU_DDD)
+    obj["metadata"]["name"] = "shared"
+    spec = obj["spec"]
+    spec["accelerator"] = {"vendor": "nvidia", **KWOK}
+    spec["roles"]["prefill"]["accelerator"] = {"resourceName": shared}
+    spec["roles"]["denoise"] = {"image": "worker:1", "replicas": 1}
+    spec["roles"]["decode"]["accelerator"] = {"resourceName": shared}
+    apply_obj(plane, ns, obj)
+    wait_ready(plane, ns, "shared")
+    for role, resource in (("prefill", shared), ("denoise", "nvidia.com/gpu"), ("decode", shared)):
+        ps = pods(plane, ns, "shared", role)
+        assert len(ps) == 1, role
+        pod = ps[0]
+        assert pod["spec"]["nodeName"] == "gpu-node-0" and pod["status"]["phase"] == "Running", role
+        res = pod["spec"]["containers"][0]["resources"]
+        assert res["limits"] == {resource: "1"} and res["requests"] == {resource: "1"}, (role, res)

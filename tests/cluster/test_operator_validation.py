@@ -138,6 +138,29 @@ CASES = [
         ["spec.roles.decode.podTemplate.labels", "reserved for the operator"],
     ),
     ("missing role", {"spec.roles.decode": _DELETE}, ["spec.roles.decode: Required value"]),
+    (
+        "cpu with a role's resource name",
+        {
+            "spec.accelerator.vendor": "cpu",
+            "spec.accelerator.hccnConfHostPath": _DELETE,
+            "spec.transfer": {"backend": "tcp"},
+            "spec.roles.decode.accelerator": {"resourceName": "nvidia.com/gpu.shared"},
+        },
+        [
+            "spec.roles.decode.accelerator.resourceName",
+            "roles.decode.accelerator.resourceName cannot be set when accelerator.vendor is cpu",
+        ],
+    ),
+    (
+        "role resource name not an extended resource",
+        {"spec.roles.prefill.accelerator": {"resourceName": "gpu"}},
+        ["spec.roles.prefill.accelerator.resourceName", "should match"],
+    ),
+    (
+        "role accelerator without resource name",
+        {"spec.roles.denoise.accelerator": {}},
+        ["spec.roles.denoise.accelerator.resourceName: Required value"],
+    ),
     ("name too long", {"metadata.name": "x" * 51}, ["metadata.name must be at most 50 characters"]),
 ]
 
@@ -148,6 +171,20 @@ def _dry_run(plane: Plane, ns: str, obj: dict[str, Any]) -> None:
 
 def test_valid_example_passes(plane: Plane, namespace: str, crds: None) -> None:
     _dry_run(plane, namespace, VALID)
+
+
+def test_role_resource_names_pass_on_accelerators(plane: Plane, namespace: str, crds: None) -> None:
+    # Ascend vNPUs for the light stages, whole NPUs for denoise; and NVIDIA time-slicing
+    obj = copy.deepcopy(VALID)
+    for role in ("prefill", "decode"):
+        obj["spec"]["roles"][role]["accelerator"] = {"resourceName": "huawei.com/Ascend910-2c"}
+    _dry_run(plane, namespace, obj)
+    obj = copy.deepcopy(VALID)
+    obj["spec"]["accelerator"] = {"vendor": "nvidia"}
+    obj["spec"]["transfer"] = {"backend": "tcp"}
+    obj["spec"]["roles"]["decode"]["accelerator"] = {"resourceName": "nvidia.com/gpu.shared"}
+    obj["spec"]["roles"]["denoise"]["accelerator"] = {"resourceName": "nvidia.com/gpu"}
+    _dry_run(plane, namespace, obj)
 
 
 def test_each_rule_rejects_with_a_message_naming_the_field(plane: Plane, namespace: str, crds: None) -> None:

@@ -23,6 +23,8 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 # never spans nodes, so a larger value could only be a typo that leaves the pod Pending forever
 MAX_DEVICES_PER_POD = 16
 DEFAULT_SHM_SIZE_LIMIT = "8Gi"
+# an extended resource name <domain>/<name>: nvidia.com/gpu, nvidia.com/gpu.shared, huawei.com/Ascend910-2c
+RESOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 _NAME_MAX = 253
 _STR_MAX = 1024
@@ -118,7 +120,7 @@ def _tolerations(prefix: str) -> Schema:
 def _resources(prefix: str) -> Schema:
     return _obj(
         f"{prefix}resources: compute resources of the container (accelerator devices are added by the "
-        "operator from spec.accelerator; do not list them here).",
+        "operator from spec.accelerator or the role's accelerator.resourceName; do not list them here).",
         {
             "requests": _quantity_map("requests: minimum resources, e.g. cpu: 2, memory: 16Gi."),
             "limits": _quantity_map("limits: maximum resources."),
@@ -279,8 +281,27 @@ def _role(role: str) -> Schema:
             "env": _env(p),
             "podTemplate": _pod_template(p),
             "autoscaling": _autoscaling(),
+            "accelerator": _role_accelerator(role),
         },
         ["image"],
+    )
+
+
+def _role_accelerator(role: str) -> Schema:
+    return _obj(
+        f"accelerator: the {role} role's own device resource, overriding spec.accelerator.resourceName for "
+        "this role only (not with vendor cpu): e.g. a GPU the device plugin shares by time-slicing or MPS, "
+        "or an Ascend vNPU; spec.accelerator's other fields still apply.",
+        {
+            "resourceName": _s(
+                f"resourceName: extended resource the {role} pods request instead of "
+                "spec.accelerator.resourceName or the vendor default, e.g. nvidia.com/gpu.shared or "
+                "huawei.com/Ascend910-2c; the count is unchanged (devicesPerPod for denoise, else 1).",
+                maxLength=_NAME_MAX,
+                pattern=RESOURCE_NAME_PATTERN,
+            ),
+        },
+        ["resourceName"],
     )
 
 
@@ -341,7 +362,7 @@ def _accelerator() -> Schema:
                 "resourceName: extended resource to request, overriding the vendor default "
                 "(nvidia.com/gpu, huawei.com/Ascend910), e.g. huawei.com/ascend-1980.",
                 maxLength=_NAME_MAX,
-                pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+                pattern=RESOURCE_NAME_PATTERN,
             ),
             "devicesPerPod": _i(
                 "devicesPerPod: devices of each denoise pod (default 1, at most "
@@ -519,7 +540,15 @@ def ddd_spec_schema() -> Schema:
                 "|| self.accelerator.vendor == 'ascend'",
                 "transfer.protocol ascend needs accelerator.vendor ascend",
                 ".transfer.protocol",
-            )
+            ),
+            *(
+                _rule(
+                    f"self.accelerator.vendor != 'cpu' || !has(self.roles.{r}.accelerator)",
+                    f"roles.{r}.accelerator.resourceName cannot be set when accelerator.vendor is cpu",
+                    f".roles.{r}.accelerator.resourceName",
+                )
+                for r in c.STAGE_ROLES
+            ),
         ],
     )
 

@@ -7,6 +7,8 @@ past an older CRD still gives a clear message instead of a KeyError deep in a bu
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +106,9 @@ class RoleSpec:
     replicas: int = 1
     replicas_set: bool = False  # whether the user wrote spec.roles.<role>.replicas
     autoscaling: AutoscalingSpec = AutoscalingSpec()
+    # spec.roles.<role>.accelerator.resourceName: what this role's pods request instead of
+    # spec.accelerator.resourceName / the vendor default (e.g. a time-sliced nvidia.com/gpu.shared)
+    resource_name: str | None = None
 
     @property
     def autoscaled(self) -> bool:
@@ -114,6 +119,14 @@ def devices_of(accel: AcceleratorSpec, role: str) -> int:
     """Devices one pod of `role` gets. Only denoise spans several: prefill's text encoders and decode's
     VAE have no parallel plan, so extra ranks would replicate them (no speed-up, no memory saved)."""
     return accel.devices_per_pod if role == c.ROLE_DENOISE else 1
+
+
+def accelerator_of(accel: AcceleratorSpec, role: RoleSpec) -> AcceleratorSpec:
+    """The accelerator settings one role's pods get: spec.accelerator with the role's resourceName, if
+    any. Only the resource name differs per role; the device count stays `devices_of`."""
+    if role.resource_name is None:
+        return accel
+    return dataclasses.replace(accel, resource_name=role.resource_name)
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,20 @@ def _autoscaling(d: Json | None, where: str) -> AutoscalingSpec:
     return a
 
 
+def _role_resource_name(d: Json | None, where: str, vendor: str) -> str | None:
+    if d is None:
+        return None
+    where = f"{where}.accelerator"
+    name = str(_need(d, "resourceName", where))
+    if vendor == "cpu":
+        raise SpecError(f"{where}.resourceName cannot be set when accelerator.vendor is cpu")
+    if not re.fullmatch(s.RESOURCE_NAME_PATTERN, name):
+        raise SpecError(
+            f"{where}.resourceName must be an extended resource name <domain>/<name>, got {name!r}"
+        )
+    return name
+
+
 def parse_spec(spec: Json) -> DDDSpec:
     """Spec dict (as stored) → DDDSpec with defaults applied; SpecError names the offending field."""
     if not isinstance(spec, dict):
@@ -256,6 +283,7 @@ def parse_spec(spec: Json) -> DDDSpec:
                 replicas=int(rd.get("replicas", 1)),
                 replicas_set="replicas" in rd,
                 autoscaling=_autoscaling(rd.get("autoscaling"), where),
+                resource_name=_role_resource_name(rd.get("accelerator"), where, accel.vendor),
             )
         )
     return DDDSpec(model=model, accelerator=accel, transfer=transfer, gateway=gateway, roles=tuple(roles))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffdisagg.operator import accelerators
 from diffdisagg.operator import contract as c
 from diffdisagg.operator.api import names as n
-from diffdisagg.operator.api.types import ContainerSpec, RoleSpec, devices_of
+from diffdisagg.operator.api.types import ContainerSpec, RoleSpec, accelerator_of, devices_of
 from diffdisagg.operator.builders import wiring
 from diffdisagg.operator.builders.common import Json, Owner, child_name, labels, metadata, selector_labels
 
@@ -79,8 +79,9 @@ def _deployment(owner: Owner, role: str, replicas: int, template: Json) -> Json:
 
 def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
     spec = owner.spec
-    devices = devices_of(spec.accelerator, role.name)
-    device = accelerators.wiring(spec.accelerator, devices)
+    accel = accelerator_of(spec.accelerator, role)  # the role's resourceName, if it has one
+    devices = devices_of(accel, role.name)
+    device = accelerators.wiring(accel, devices)
     volumes, mounts = wiring.shared_volumes(owner)
     mv, mm = wiring.model_volume(owner)
     sv, sm = wiring.shm_volume(owner, devices)
@@ -110,8 +111,8 @@ def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
         container,
         volumes + mv + sv + list(device.volumes),
         role.container,
-        dict(spec.accelerator.node_selector),
-        [dict(t) for t in spec.accelerator.tolerations],
+        dict(accel.node_selector),
+        [dict(t) for t in accel.tolerations],
     )
     return _deployment(owner, role.name, replicas, template)
 
