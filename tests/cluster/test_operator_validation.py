@@ -161,6 +161,11 @@ CASES = [
         {"spec.roles.denoise.accelerator": {}},
         ["spec.roles.denoise.accelerator.resourceName: Required value"],
     ),
+    (
+        "decode encodeThreads negative",
+        {"spec.roles.decode.encodeThreads": -1},
+        ["spec.roles.decode.encodeThreads", "greater than or equal to 0"],
+    ),
     ("name too long", {"metadata.name": "x" * 51}, ["metadata.name must be at most 50 characters"]),
 ]
 

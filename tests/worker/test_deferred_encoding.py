@@ -54,7 +54,7 @@ def test_encode_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(c.ENV_ENCODE_THREADS, "0")
     assert parse([]).encode_threads == 0
     assert parse(["--encode-threads", "3"]).encode_threads == 3  # the argument overrides the variable
-    assert c.ENV_ENCODE_THREADS == "DIFFDISAGG_ENCODE_THREADS" and c.ENV_ENCODE_THREADS not in c.ENV_VARS
+    assert c.ENV_ENCODE_THREADS == "DIFFDISAGG_ENCODE_THREADS" and c.ENV_ENCODE_THREADS in c.ENV_VARS
     with pytest.raises(ValueError, match="encode_threads"):
         WorkerSettings(
             role="decode", family="flux", model_path=None, gateway_url="x", token_file="t", encode_threads=-1

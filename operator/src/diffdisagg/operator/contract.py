@@ -30,6 +30,7 @@ ENV_TRANSFER_PORT: Final = "DIFFDISAGG_TRANSFER_PORT"  # tcp backend only
 ENV_TRANSFER_PORT_MIN: Final = "DIFFDISAGG_TRANSFER_PORT_MIN"  # mooncake only
 ENV_TRANSFER_PORT_MAX: Final = "DIFFDISAGG_TRANSFER_PORT_MAX"  # mooncake only
 ENV_DEVICES_PER_POD: Final = "DIFFDISAGG_DEVICES_PER_POD"
+ENV_ENCODE_THREADS: Final = "DIFFDISAGG_ENCODE_THREADS"  # decode: media encoding threads (0 = inline)
 
 ENV_VARS: Final = (
     ENV_ROLE,
@@ -51,6 +52,7 @@ ENV_VARS: Final = (
     ENV_TRANSFER_PORT_MIN,
     ENV_TRANSFER_PORT_MAX,
     ENV_DEVICES_PER_POD,
+    ENV_ENCODE_THREADS,
 )
 ENV_PREFIX: Final = "DIFFDISAGG_"  # reserved for the operator in user-supplied env (CRD rule)
 

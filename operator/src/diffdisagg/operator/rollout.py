@@ -23,6 +23,8 @@ def _role_shape(role: RoleSpec) -> dict:
     # only when set, so that deployments without a per-role resource keep their revision (no restart)
     if role.resource_name is not None:
         out["accelerator"] = {"resourceName": role.resource_name}
+    if role.encode_threads is not None:
+        out["encodeThreads"] = role.encode_threads
     return out
 
 

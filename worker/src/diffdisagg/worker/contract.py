@@ -29,6 +29,7 @@ ENV_TRANSFER_PORT: Final = "DIFFDISAGG_TRANSFER_PORT"
 ENV_TRANSFER_PORT_MIN: Final = "DIFFDISAGG_TRANSFER_PORT_MIN"
 ENV_TRANSFER_PORT_MAX: Final = "DIFFDISAGG_TRANSFER_PORT_MAX"
 ENV_DEVICES_PER_POD: Final = "DIFFDISAGG_DEVICES_PER_POD"
+ENV_ENCODE_THREADS: Final = "DIFFDISAGG_ENCODE_THREADS"  # decode: media encoding threads (0 = inline)
 
 ENV_VARS: Final = (
     ENV_ROLE,
@@ -50,11 +51,9 @@ ENV_VARS: Final = (
     ENV_TRANSFER_PORT_MIN,
     ENV_TRANSFER_PORT_MAX,
     ENV_DEVICES_PER_POD,
+    ENV_ENCODE_THREADS,
 )
 
-# --- worker-only tuning: read by the worker, never written by the operator (so not in ENV_VARS, which
-# tests/contract/ checks against the operator's copy; the pod uses the default) ----------------------
-ENV_ENCODE_THREADS: Final = "DIFFDISAGG_ENCODE_THREADS"  # decode: media encoding threads (0 = inline)
 
 # --- allowed values -------------------------------------------------------------------------------
 ROLE_PREFILL: Final = "prefill"

@@ -22,6 +22,7 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 # one pod's devices: 16 is more than any single node we target carries (8 GPUs, 8-16 NPUs); one worker
 # never spans nodes, so a larger value could only be a typo that leaves the pod Pending forever
 MAX_DEVICES_PER_POD = 16
+MAX_ENCODE_THREADS = 64
 DEFAULT_SHM_SIZE_LIMIT = "8Gi"
 # an extended resource name <domain>/<name>: nvidia.com/gpu, nvidia.com/gpu.shared, huawei.com/Ascend910-2c
 RESOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -282,6 +283,19 @@ def _role(role: str) -> Schema:
             "podTemplate": _pod_template(p),
             "autoscaling": _autoscaling(),
             "accelerator": _role_accelerator(role),
+            **(
+                {
+                    "encodeThreads": _i(
+                        "encodeThreads: threads of each decode worker that encode the PNG / MP4 on the CPU "
+                        "while the device decodes the next batch (default 2; 0 = inline on the compute "
+                        "thread, the device idle meanwhile). Give the decode container CPU to match.",
+                        minimum=0,
+                        maximum=MAX_ENCODE_THREADS,
+                    )
+                }
+                if role == c.ROLE_DECODE
+                else {}
+            ),
         },
         ["image"],
     )

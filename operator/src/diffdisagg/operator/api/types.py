@@ -109,6 +109,8 @@ class RoleSpec:
     # spec.roles.<role>.accelerator.resourceName: what this role's pods request instead of
     # spec.accelerator.resourceName / the vendor default (e.g. a time-sliced nvidia.com/gpu.shared)
     resource_name: str | None = None
+    # spec.roles.decode.encodeThreads (decode only; None: the worker's default)
+    encode_threads: int | None = None
 
     @property
     def autoscaled(self) -> bool:
@@ -214,6 +216,16 @@ def _role_resource_name(d: Json | None, where: str, vendor: str) -> str | None:
     return name
 
 
+def _encode_threads(v: Any, where: str, role: str) -> int | None:
+    if v is None:
+        return None
+    if role != c.ROLE_DECODE:
+        raise SpecError(f"{where}.encodeThreads is a decode setting (media encoding)")
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= s.MAX_ENCODE_THREADS:
+        raise SpecError(f"{where}.encodeThreads must be an integer between 0 and {s.MAX_ENCODE_THREADS}")
+    return v
+
+
 def parse_spec(spec: Json) -> DDDSpec:
     """Spec dict (as stored) → DDDSpec with defaults applied; SpecError names the offending field."""
     if not isinstance(spec, dict):
@@ -284,6 +296,7 @@ def parse_spec(spec: Json) -> DDDSpec:
                 replicas_set="replicas" in rd,
                 autoscaling=_autoscaling(rd.get("autoscaling"), where),
                 resource_name=_role_resource_name(rd.get("accelerator"), where, accel.vendor),
+                encode_threads=_encode_threads(rd.get("encodeThreads"), where, name),
             )
         )
     return DDDSpec(model=model, accelerator=accel, transfer=transfer, gateway=gateway, roles=tuple(roles))

@@ -50,7 +50,9 @@ def common_env(owner: Owner, role: str) -> list[Json]:
     ]
 
 
-def worker_env(owner: Owner, role: str, device: DeviceWiring, devices: int) -> list[Json]:
+def worker_env(
+    owner: Owner, role: str, device: DeviceWiring, devices: int, encode_threads: int | None = None
+) -> list[Json]:
     spec = owner.spec
     t = spec.transfer
     env = [
@@ -64,6 +66,8 @@ def worker_env(owner: Owner, role: str, device: DeviceWiring, devices: int) -> l
         _v(c.ENV_TRANSFER_BACKEND, t.backend),
         _v(c.ENV_BUFFER_BYTES, t.buffer_bytes),
     ]
+    if encode_threads is not None:  # decode only (parse_spec); unset: the worker's default
+        env.append(_v(c.ENV_ENCODE_THREADS, encode_threads))
     if t.mooncake:
         # P2P handshake: the pod IP (DIFFDISAGG_POD_IP above) is mooncake's local hostname; no metadata
         # server. The fixed range lets the NetworkPolicy name the ports.

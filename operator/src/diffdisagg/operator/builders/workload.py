@@ -96,7 +96,8 @@ def worker_deployment(owner: Owner, role: RoleSpec, replicas: int) -> Json:
         "name": role.name,
         "image": role.container.image,
         "args": list(c.WORKER_ARGS),
-        "env": wiring.worker_env(owner, role.name, device, devices) + [dict(e) for e in role.container.env],
+        "env": wiring.worker_env(owner, role.name, device, devices, role.encode_threads)
+        + [dict(e) for e in role.container.env],
         "ports": ports,
         "volumeMounts": mounts + mm + sm + list(device.volume_mounts),
         # the control port speaks our own protocol, not HTTP: a TCP probe is all we can say about it
