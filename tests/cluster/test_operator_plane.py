@@ -468,6 +468,36 @@ def test_scale_drs_reaches_deployment_and_survives_restart(
     assert get(plane, ns, "drs", "tiny-denoise")["spec"]["replicas"] == 5
     assert get(plane, ns, "deployment", "tiny-denoise")["spec"]["replicas"] == 5
 
+    # hpa: false hands the scaler to an external autoscaler (KEDA): the operator's HPA goes, the scaler and
+    # its replica count stay, and the Deployment still follows /scale
+    assert plane.kubectl_json("get", "hpa", "-n", ns, "-l", f"{LABEL}=tiny")["items"], "the operator's HPA"
+    obj = copy.deepcopy(CPU_DDD)
+    obj["spec"]["roles"]["denoise"]["autoscaling"]["hpa"] = False
+    apply_obj(plane, ns, obj)
+    wait_for(
+        lambda: not plane.kubectl_json("get", "hpa", "-n", ns, "-l", f"{LABEL}=tiny")["items"],
+        20,
+        message="the operator's HPA pruned",
+    )
+    assert get(plane, ns, "drs", "tiny-denoise")["spec"]["replicas"] == 5
+    plane.kubectl("scale", "drs", "tiny-denoise", "-n", ns, "--replicas=2")  # what KEDA's HPA would do
+    wait_for(
+        lambda: get(plane, ns, "deployment", "tiny-denoise")["spec"]["replicas"] == 2,
+        10,
+        interval=0.1,
+        message="Deployment to follow the externally driven scaler",
+    )
+    wait_for(
+        lambda: (
+            {c["type"]: c["status"] for c in get(plane, ns, "ddd", "tiny")["status"]["conditions"]}.get(
+                "ScalersReady"
+            )
+            == "True"
+        ),
+        20,
+        message="ScalersReady without an operator HPA",
+    )
+
     # turning autoscaling off removes scaler + HPA and hands the replicas back to the spec
     obj = copy.deepcopy(CPU_DDD)
     obj["spec"]["roles"]["denoise"]["autoscaling"]["enabled"] = False

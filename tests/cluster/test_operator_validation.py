@@ -178,6 +178,13 @@ def test_valid_example_passes(plane: Plane, namespace: str, crds: None) -> None:
     _dry_run(plane, namespace, VALID)
 
 
+def test_external_autoscaler_needs_no_max_replicas(plane: Plane, namespace: str, crds: None) -> None:
+    # hpa: false (KEDA drives the scaler): maxReplicas is the external autoscaler's business
+    obj = copy.deepcopy(VALID)
+    obj["spec"]["roles"]["decode"]["autoscaling"] = {"enabled": True, "hpa": False}
+    _dry_run(plane, namespace, obj)
+
+
 def test_role_resource_names_pass_on_accelerators(plane: Plane, namespace: str, crds: None) -> None:
     # Ascend vNPUs for the light stages, whole NPUs for denoise; and NVIDIA time-slicing
     obj = copy.deepcopy(VALID)

@@ -147,3 +147,12 @@ def test_failure_and_stuck_rollout_are_degraded() -> None:
         and deg["reason"] == "RolloutStuck"
         and "prefill: took too long" in deg["message"]
     )
+
+
+def test_scalers_ready_without_an_operator_hpa_when_hpa_is_false() -> None:
+    # an external autoscaler (KEDA) owns the HPA: the scaler alone makes the role ready to scale
+    s = spec(**{"roles.denoise.autoscaling": {"enabled": True, "hpa": False}})
+    status, _ = run(s, ALL_READY)
+    assert conds(status)["ScalersReady"] == "False", "still needs the scaler and its selector"
+    status, _ = run(s, ALL_READY, scalers={"denoise": {"status": {"selector": "a=b"}}})
+    assert conds(status)["ScalersReady"] == "True"

@@ -64,7 +64,8 @@ def render(owner: Owner, observed: Observed) -> list[Json]:
         out.append(workload.worker_deployment(owner, role, role_replicas(role, observed)))
         if role.autoscaled:
             out.append(scaling.scaler(owner, role))
-            out.append(scaling.hpa(owner, role))
+            if role.autoscaling.hpa:  # else an external autoscaler (KEDA) drives the scaler's /scale
+                out.append(scaling.hpa(owner, role))
     out.append(service.gateway_service(owner))
     out.append(workload.gateway_deployment(owner))
     return out

@@ -129,13 +129,14 @@ def compute(
     not_ready = [name for name, p in [*roles.items(), (c.ROLE_GATEWAY, gw)] if p["ready"] < 1]
     pending = [name for name in [*roles, c.ROLE_GATEWAY] if not rolled_out(deployments.get(name))]
     stuck = {name: m for name in [*roles, c.ROLE_GATEWAY] if (m := _stuck(deployments.get(name)))}
+    own_hpa = {r.name: r.autoscaling.hpa for r in spec.roles}
     autoscaled = [r.name for r in spec.roles if r.autoscaled]
     missing_scalers = [
         r
         for r in autoscaled
         if scalers.get(r) is None
         or not ((scalers[r] or {}).get("status") or {}).get("selector")
-        or hpas.get(r) is None
+        or (own_hpa[r] and hpas.get(r) is None)
     ]
     gen = owner.generation
 

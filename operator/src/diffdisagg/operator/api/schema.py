@@ -232,6 +232,12 @@ def _autoscaling() -> Schema:
         f"{c.METRIC_QUEUE_DEPTH}; the role's inline replicas are then ignored.",
         {
             "enabled": _b("enabled: whether the role is autoscaled (default false).", default=False),
+            "hpa": _b(
+                "hpa: whether the operator creates the HPA (default true). false leaves the "
+                "DiffusionRoleScaler to an autoscaler you run, e.g. a KEDA ScaledObject targeting it "
+                "(two HPAs must never drive one scaler); the scaler starts at minReplicas.",
+                default=True,
+            ),
             "minReplicas": _i(
                 "minReplicas: lowest replica count the HPA may set (default 1; at least 1).",
                 minimum=1,
@@ -256,8 +262,8 @@ def _autoscaling() -> Schema:
         },
         rules=[
             _rule(
-                "!self.enabled || has(self.maxReplicas)",
-                "autoscaling.maxReplicas is required when autoscaling.enabled is true",
+                "!self.enabled || (has(self.hpa) && !self.hpa) || has(self.maxReplicas)",
+                "autoscaling.maxReplicas is required when autoscaling.enabled is true (unless hpa is false)",
                 ".maxReplicas",
             ),
             _rule(

@@ -83,6 +83,7 @@ class PodTemplateOverrides:
 @dataclass(frozen=True)
 class AutoscalingSpec:
     enabled: bool = False
+    hpa: bool = True  # false: the scaler is left to an external autoscaler (KEDA), no operator HPA
     min_replicas: int = 1
     max_replicas: int | None = None
     target_queue_depth_per_replica: float = 1.0
@@ -190,13 +191,17 @@ def _autoscaling(d: Json | None, where: str) -> AutoscalingSpec:
     d = d or {}
     a = AutoscalingSpec(
         enabled=bool(d.get("enabled", False)),
+        hpa=bool(d.get("hpa", True)),
         min_replicas=int(d.get("minReplicas", 1)),
         max_replicas=d.get("maxReplicas"),
         target_queue_depth_per_replica=float(d.get("targetQueueDepthPerReplica", 1)),
         behavior=d.get("behavior"),
     )
-    if a.enabled and a.max_replicas is None:
-        raise SpecError(f"{where}.autoscaling.maxReplicas is required when autoscaling.enabled is true")
+    if a.enabled and a.hpa and a.max_replicas is None:
+        raise SpecError(
+            f"{where}.autoscaling.maxReplicas is required when autoscaling.enabled is true"
+            " (unless hpa is false)"
+        )
     if a.max_replicas is not None and a.min_replicas > a.max_replicas:
         raise SpecError(f"{where}.autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
     return a
