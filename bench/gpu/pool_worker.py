@@ -258,7 +258,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             if self.role == "mono":
-                self.compute_mono(items, t0)
+                self.compute_mono(items)
                 return
             inputs = [StageInput(it["rid"], {"params": it["params"]}) for it in items]
             for it in items:  # the family's validation, as the gateway and every stage do
@@ -271,7 +271,7 @@ class Worker:
             return
         self.hold(outs, time.perf_counter() - t0)
 
-    def compute_mono(self, items: list[dict[str, Any]], t0: float) -> None:
+    def compute_mono(self, items: list[dict[str, Any]]) -> None:
         from diffdisagg.worker.pipelines import GenerationParams, validate_params
         from diffdisagg.worker.pipelines.loading import monolithic_call
         from diffdisagg.worker.pipelines.media import encode_mp4, encode_png
@@ -290,7 +290,6 @@ class Worker:
             else:
                 emit(ev="free", worker=self.name, rids=[it["rid"]], compute_s=gpu_s, batch=1)
                 self.encoders.submit(self.finish, it["rid"], job, gpu_s, 1)
-        del t0
 
     def finish(self, rid: str, encode: Any, gpu_s: float, batch: int, compute_s: float | None = None) -> None:
         """Encode one request's media (inline, or on an encoder thread) and report it done."""
