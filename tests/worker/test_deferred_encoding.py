@@ -169,8 +169,16 @@ def test_media_encoded_off_the_compute_thread_reaches_the_client_and_matches_inl
 
     assert decode.scheduler.adapter.encode_later is True  # process.load_adapter, from --encode-threads 1
     decode.scheduler.adapter = EncodeHook(decode.scheduler.adapter, record)
-    png = _png(_generate(deferred, "a red fox in fresh snow", seed=5))
+    result = _generate(deferred, "a red fox in fresh snow", seed=5)
+    png = _png(result)
     assert threads and all(t.startswith("decode-encode") for t in threads), threads
+    # the timings say how much of decode's compute was the encoding
+    (comp,) = [
+        s
+        for s in result["body"]["diffdisagg"]["timings"][0]["segments"]
+        if s["kind"] == "compute" and s["role"] == "decode"
+    ]
+    assert 0 < comp["encode_ms"] <= comp["ms"], comp
     img = Image.open(io.BytesIO(png))
     img.load()
     assert img.format == "PNG" and img.size == (64, 64)

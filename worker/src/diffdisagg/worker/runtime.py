@@ -83,6 +83,7 @@ class Job:
     started: asyncio.Task[Any] | None = None
     compute_at: float | None = None  # monotonic time its compute started (the scheduler's thread)
     compute_s: float | None = None
+    encode_s: float | None = None  # decode, encoded on an encode thread: that encode alone
     batch_size: int | None = None
 
     def timing(self, role: str, **handover: Any) -> StageTiming:
@@ -91,6 +92,7 @@ class Job:
             role=role,  # type: ignore[arg-type]
             queue_seconds=queue_s,
             compute_seconds=self.compute_s,
+            encode_seconds=self.encode_s,
             batch_size=self.batch_size,
             **handover,
         )
@@ -416,6 +418,7 @@ class WorkerRuntime:
                     return
                 seconds = (seconds or 0.0) + encode_s
                 job.compute_s = (job.compute_s or 0.0) + encode_s  # decode's compute: VAE + encoding
+                job.encode_s = encode_s
                 if self.is_cancelled(job.request_id, job.attempt):
                     return
             if job.started is not None:

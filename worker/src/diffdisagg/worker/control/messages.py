@@ -98,6 +98,8 @@ class StageTiming(_Msg):
     queue_seconds: float | None = Field(default=None, ge=0.0)
     #: wall time of the batch that computed it (includes PNG/MP4 encoding for decode)
     compute_seconds: float | None = Field(default=None, ge=0.0)
+    #: decode with encode threads: this request's PNG/MP4 encoding alone (part of compute_seconds)
+    encode_seconds: float | None = Field(default=None, ge=0.0)
     batch_size: int | None = Field(default=None, ge=1)
     #: the outgoing hand-over that succeeded (prefill -> denoise, denoise -> decode)
     handover_bytes: int | None = Field(default=None, ge=0)

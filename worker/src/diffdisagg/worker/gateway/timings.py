@@ -90,6 +90,8 @@ def breakdown(
         if compute is not None:
             comp: dict[str, Any] = {"kind": "compute", "role": role, "ms": _ms(compute)}
             _add(comp, "batch_size", getattr(reports.get(role), "batch_size", None))
+            # decode: how much of its compute was the PNG/MP4 encoding (on the CPU, beside the device)
+            _add(comp, "encode_ms", getattr(reports.get(role), "encode_seconds", None), scale=1e3)
             segments.append(comp)
         prev_end, prev_role = end, role
     last = STAGE_ROLES[-1]

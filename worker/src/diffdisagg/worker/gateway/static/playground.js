@@ -148,6 +148,7 @@ function segDetail(s) {
     if (s.worker_queue_ms !== undefined) parts.push(`${s.worker_queue_ms.toFixed(1)} ms in the worker's queue`);
   } else if (s.kind === "compute") {
     if (s.batch_size > 1) parts.push(`batched with ${s.batch_size - 1} other request(s)`);
+    if (s.encode_ms !== undefined) parts.push(`${s.encode_ms.toFixed(1)} ms of it encoding the media`);
   } else if (s.kind === "other") {
     parts.push("before the last attempt (a restart) or unexplained");
   }
