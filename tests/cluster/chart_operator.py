@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.cluster.operator_process import ROOT, OperatorProcess
 from tests.cluster.plane import Plane
-from tests.cluster.waiting import wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def sa_kubeconfig(plane: Plane, namespace: str, service_account: str, path: Path) -> Path:
@@ -46,12 +40,6 @@ def sa_kubeconfig(plane: Plane, namespace: str, service_account: str, path: Path
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def command_from_deployment(deployment: dict[str, Any], port: int) -> tuple[list[str], dict[str, str]]:
     """argv and env of the chart's operator container, for a local run: this interpreter instead of the
     image's `python`, and the liveness endpoint on a free loopback port instead of 0.0.0.0:<chart port>."""
@@ -69,51 +57,23 @@ def command_from_deployment(deployment: dict[str, Any], port: int) -> tuple[list
     return [sys.executable, *command[1:], *args], env
 
 
-class LocalOperator:
+class LocalOperator(OperatorProcess):
     """`python -m diffdisagg.operator` with the chart's arguments and the ServiceAccount's kubeconfig."""
 
     def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log_path: Path) -> None:
-        self.port = _free_port()
-        self.argv, chart_env = command_from_deployment(deployment, self.port)
-        self.log_path = log_path
+        super().__init__(log_path, cwd=Path("/"))
+        self.deployment, self.kubeconfig = deployment, kubeconfig
+
+    def command(self, port: int) -> tuple[list[str], dict[str, str]]:
+        argv, chart_env = command_from_deployment(self.deployment, port)
         base = {
             k: v for k, v in os.environ.items() if not k.startswith(("KUBECONFIG", "HELM_", "PYTHONPATH"))
         }
         # Only the operator's own sources: it must run without the worker or the transport (as in its image).
-        self.env = {
+        env = {
             **base,
             **chart_env,
-            "KUBECONFIG": str(kubeconfig),
+            "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": str(ROOT / "operator" / "src"),
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd="/"
-            )
-        proc = self.proc
-        wait_for(
-            lambda: proc.poll() is not None or self.healthy(),
-            30,
-            message=f"operator health on :{self.port} ({self.log_path})",
-        )
-        assert proc.poll() is None, f"operator exited {proc.returncode}:\n{self.log()[-3000:]}"
-
-    def healthy(self) -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return argv, env

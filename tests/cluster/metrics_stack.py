@@ -15,8 +15,8 @@ What a user deploys next to the operator, run here as local processes against th
   `close()` deletes the APIService first: an unavailable aggregated API blocks namespace deletion.
 - `QueueDepthExporter`: a tiny real HTTP server exporting `diffdisagg_queue_depth{deployment,role}` with
   values the caller sets, or failing its scrapes: the loop without workers (the lost-metric test).
-- `OperatorProcess`, `install_crds`, `NamedLocalDeployment`: the operator as a real kopf process, the CRDs,
-  and the serving launcher's local gateway + workers labelled with the DiffusionDisaggDeployment's name.
+- `NamedLocalDeployment`: the serving launcher's local gateway + workers labelled with the
+  DiffusionDisaggDeployment's name (the operator process and the CRDs come from operator_process.py).
 - `AutoscaleLoop`: all of the above in dependency order (the test's fixture and the benchmark use it), with
   `ReplicaWatch` (a kubectl watch on the scalers), `DepthSampler` (the gateway's own queue depth) and
   `RequestBurst` (real requests through the gateway) to observe it.
@@ -29,10 +29,7 @@ import contextlib
 import http.client
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -51,6 +48,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from diffdisagg.worker.launcher import LocalDeployment, Proc
+from tests.cluster.operator_process import NamespaceOperator, free_port, install_crds
 from tests.cluster.plane import Plane, issue_cert
 from tests.cluster.waiting import WaitTimeout, wait_for
 
@@ -60,7 +58,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "metrics" / "install.sh"
 BUILD_ADAPTER_SCRIPT = REPO_ROOT / "scripts" / "metrics" / "build-adapter.sh"
 ADAPTER_RULES = REPO_ROOT / "docs" / "autoscaling" / "prometheus-adapter-rules.yaml"
-CRDS = REPO_ROOT / "crds"
 
 QUEUE_DEPTH = "diffdisagg_queue_depth"
 EXTERNAL_GROUP = "external.metrics.k8s.io"
@@ -97,12 +94,6 @@ def prometheus_binary() -> Path:
 def adapter_binary() -> Path:
     """prometheus-adapter from the cache, built by scripts/metrics/build-adapter.sh when missing."""
     return Path(_script_output(BUILD_ADAPTER_SCRIPT, timeout=3600))
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[Any] | None, label: str) -> None:
@@ -520,62 +511,6 @@ class QueueDepthExporter:
 # ------------------------------------------------------------------------------------------ rest of the loop
 
 
-def install_crds(plane: Plane) -> None:
-    """Apply the committed CRDs server-side (as users do) and wait until they are served."""
-    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    for crd in ("diffusiondisaggdeployments.diffdisagg.io", "diffusionrolescalers.diffdisagg.io"):
-        plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
-
-
-class OperatorProcess:
-    """`python -m diffdisagg.operator -n <namespace>` as a real process against the plane."""
-
-    def __init__(self, plane: Plane, namespace: str, log_path: Path) -> None:
-        self.plane, self.namespace, self.log_path = plane, namespace, log_path
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> OperatorProcess:
-        self.port = free_port("127.0.0.1")
-        env = {**os.environ, **self.plane.env()}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "operator" / "src"), env.get("PYTHONPATH", "")])
-        argv = [
-            sys.executable, "-m", "diffdisagg.operator", "-n", self.namespace,
-            "--liveness-host", "127.0.0.1", "--liveness-port", str(self.port), "--resync-seconds", "30",
-        ]  # fmt: skip
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT
-            )
-
-        def healthy() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise MetricsStackError(f"operator exited {self.proc.returncode}:\n{_tail(self.log_path)}")
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            try:
-                conn.request("GET", "/healthz")
-                return conn.getresponse().status == 200
-            except OSError:
-                return False
-            finally:
-                conn.close()
-
-        wait_for(healthy, timeout, 0.2, f"operator liveness on :{self.port}")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @dataclass
 class NamedLocalDeployment(LocalDeployment):
     """The serving launcher's local deployment, with its gateway and workers labelled `deployment`.
@@ -834,7 +769,7 @@ class AutoscaleLoop:
                 self.exporter = self._keep(QueueDepthExporter(s.name))
                 scraped = self.exporter.address
             install_crds(plane)
-            self.operator = self._keep(OperatorProcess(plane, ns, self.workdir / "operator.log").start())
+            self.operator = self._keep(NamespaceOperator(plane, ns, self.workdir / "operator.log").start())
             plane.apply(json.dumps(s.ddd()), ns)
             # Prometheus on the host end of the veth pair: the adapter, in the plane's namespace, reaches it.
             target = ScrapeTarget("diffdisagg-gateway", scraped, {"namespace": ns})

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.cluster.operator_process import NamespaceOperator, install_crds
 from tests.cluster.plane import Plane
 from tests.cluster.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
 LABEL = "diffdisagg.io/deployment"
 CHILD_KINDS = (
@@ -58,13 +52,6 @@ CPU_DDD: dict[str, Any] = {
 }
 
 
-def install_crds(plane: Plane) -> None:
-    """Apply the committed CRDs (server-side, like users do) and wait until they serve."""
-    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
-    for crd in ("diffusiondisaggdeployments.diffdisagg.io", "diffusionrolescalers.diffdisagg.io"):
-        plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
-
-
 @pytest.fixture
 def crds(plane: Plane) -> None:
     # CRDs are cluster-scoped and shared by name; they are left installed (deleting them would delete
@@ -73,77 +60,8 @@ def crds(plane: Plane) -> None:
     install_crds(plane)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Operator:
-    """The operator as a real process watching one namespace; its log is kept for assertions."""
-
-    def __init__(self, plane: Plane, namespace: str, log_path: Path) -> None:
-        self.plane, self.namespace, self.log_path = plane, namespace, log_path
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.port = _free_port()
-        env = {**os.environ, **self.plane.env()}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "operator" / "src"), env.get("PYTHONPATH", "")])
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "diffdisagg.operator",
-                    "-n",
-                    self.namespace,
-                    "--liveness-host",
-                    "127.0.0.1",
-                    "--liveness-port",
-                    str(self.port),
-                    "--resync-seconds",
-                    "30",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        proc = self.proc
-        wait_for(
-            lambda: proc.poll() is not None or self.healthy(),
-            30,
-            interval=0.2,
-            message=f"operator liveness on :{self.port} ({self.log_path})",
-        )
-        assert proc.poll() is None, f"operator exited {proc.returncode}:\n{self.log()[-3000:]}"
-
-    def healthy(self) -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def reconciles(self, name: str) -> int:
-        return self.log().count(f"reconciled {self.namespace}/{name} ")
+#: the plane tests' operator (kept under this name: test_operator_multidevice imports it)
+Operator = NamespaceOperator
 
 
 @pytest.fixture
