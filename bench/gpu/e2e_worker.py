@@ -35,17 +35,10 @@ for _p in (str(HERE), str(ROOT / "transport" / "src"), str(ROOT / "worker" / "sr
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-TOKEN = b"bench-e2e-gpu-token-0123456789abcdef"
+from worker_io import emit, open_ends  # noqa: E402  (bench/gpu is on the path now)
+
 REVISION = "bench-e2e-gpu"
 BUFFER_BYTES = 96 << 20
-
-_out_lock = threading.Lock()
-
-
-def emit(**obj: Any) -> None:
-    with _out_lock:
-        sys.stdout.write("@@ " + json.dumps(obj) + "\n")
-        sys.stdout.flush()
 
 
 def pixels_done(pixels: Any) -> tuple[float, float, str]:
@@ -92,38 +85,27 @@ class Worker:
         self._transport()
 
     def _transport(self) -> None:
-        from diffdisagg.transport.backends import make_backend
-        from diffdisagg.transport.buffer import StagingBuffer
-        from diffdisagg.transport.handover import (
-            HandoverReceiver,
-            HandoverSender,
-            ReceiverConfig,
-            SenderConfig,
-            register_buffer,
-        )
-        from diffdisagg.transport.manager import TransferManager
-
         self.receiver = self.sender = None
         if self.role == "mono":
             return
-        name = self.cfg["backend"]
-        self.buffer = StagingBuffer(BUFFER_BYTES, self.plat)
+        lo = {"prefill": 15400, "denoise": 15420, "decode": 15440}[self.role]
+        ends = open_ends(
+            self.plat,
+            BUFFER_BYTES,
+            self.role,
+            REVISION,
+            receive=self.role != "prefill",
+            send=self.role != "decode",
+            backend=self.cfg["backend"],
+            rpc_ports=(lo, lo + 19),
+        )
+        self.buffer, self.manager, self.receiver, self.sender = (
+            ends.buffer,
+            ends.manager,
+            ends.receiver,
+            ends.sender,
+        )
         self.buffer.region().zero_()
-        if name == "mooncake":
-            lo = {"prefill": 15400, "denoise": 15420, "decode": 15440}[self.role]
-            backend = make_backend(
-                "mooncake", host="127.0.0.1", protocol="tcp", rpc_port_min=lo, rpc_port_max=lo + 19
-            )
-        else:
-            backend = make_backend("tcp", token=TOKEN, host="127.0.0.1", port=0)
-        register_buffer(backend, self.buffer)
-        self.manager = TransferManager(self.plat, self.buffer, local_rank=0)
-        if self.role != "prefill":
-            self.receiver = HandoverReceiver(
-                self.buffer, backend, ReceiverConfig(TOKEN, REVISION, name=self.role), self.manager
-            ).start()
-        if self.role != "decode":
-            self.sender = HandoverSender(backend, SenderConfig(TOKEN, REVISION, name=self.role))
 
     # ------------------------------------------------------------------------------------- control
 

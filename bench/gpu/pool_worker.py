@@ -38,18 +38,10 @@ for _p in (str(HERE), str(ROOT / "transport" / "src"), str(ROOT / "worker" / "sr
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-TOKEN = b"bench-pools-token-0123456789abcdef0123"
+from worker_io import emit, open_ends  # noqa: E402  (bench/gpu is on the path now)
+
 REVISION = "bench-pools"
 SEND_DEADLINE_S = 300.0
-
-_out_lock = threading.Lock()
-
-
-def emit(**obj: Any) -> None:
-    obj.setdefault("t", time.time())
-    with _out_lock:
-        sys.stdout.write("@@ " + json.dumps(obj) + "\n")
-        sys.stdout.flush()
 
 
 def batch_key(params: dict[str, Any]) -> tuple:
@@ -116,30 +108,23 @@ class Worker:
         self._transport(int(cfg.get("buffer_mib", 256)) << 20)
 
     def _transport(self, nbytes: int) -> None:
-        from diffdisagg.transport.backends import make_backend
-        from diffdisagg.transport.buffer import StagingBuffer
-        from diffdisagg.transport.handover import (
-            HandoverReceiver,
-            HandoverSender,
-            ReceiverConfig,
-            SenderConfig,
-            register_buffer,
-        )
-        from diffdisagg.transport.manager import TransferManager
-
         self.receiver = self.sender = None
         if self.role == "mono":
             return
-        self.buffer = StagingBuffer(nbytes, self.plat)
-        backend = make_backend("tcp", token=TOKEN, host="127.0.0.1", port=0)
-        register_buffer(backend, self.buffer)
-        self.manager = TransferManager(self.plat, self.buffer, local_rank=0)
-        if self.role in ("denoise", "decode"):
-            self.receiver = HandoverReceiver(
-                self.buffer, backend, ReceiverConfig(TOKEN, REVISION, name=self.name), self.manager
-            ).start()
-        if self.role in ("prefill", "denoise"):
-            self.sender = HandoverSender(backend, SenderConfig(TOKEN, REVISION, name=self.name))
+        ends = open_ends(
+            self.plat,
+            nbytes,
+            self.name,
+            REVISION,
+            receive=self.role in ("denoise", "decode"),
+            send=self.role in ("prefill", "denoise"),
+        )
+        self.buffer, self.manager, self.receiver, self.sender = (
+            ends.buffer,
+            ends.manager,
+            ends.receiver,
+            ends.sender,
+        )
 
     # ------------------------------------------------------------------------------------ threads
 
